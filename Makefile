@@ -1,0 +1,32 @@
+# Two commands: `make demo` and `make test`. Each creates .venv and installs the pinned
+# packages the first time (or when requirements.txt / pyproject.toml change).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= outputs/demo
+
+.PHONY: install test test-all demo clean-demo
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -r requirements.txt
+	# DeepSpeed compiles its CUDA ops lazily on the cluster; DS_BUILD_OPS=0 keeps the
+	# install pure Python, and --no-build-isolation lets its setup see the pinned torch.
+	DS_BUILD_OPS=0 $(PY) -m pip install --no-build-isolation deepspeed==0.19.8
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m ""
+
+demo: $(STAMP)
+	$(PY) -m echovideo.demo --out $(DEMO_DIR)
+
+clean-demo:
+	rm -rf $(DEMO_DIR)
