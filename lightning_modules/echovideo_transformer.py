@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from torch import nn
 
 from lightning_modules.face_resampler import FaceResampler
@@ -120,6 +122,39 @@ class EchoVideoTransformer3DModel(CogVideoXTransformer3DModel):
     def repeat_identity_embedding(self, arcface: torch.Tensor) -> torch.Tensor:
         """B x D_id ArcFace embeddings -> B x face_features_seq_length identical tokens."""
         return arcface[:, None, :].expand(-1, self.config.face_features_seq_length, -1)
+
+    def rotary_embeddings(
+        self, num_latent_frames: int, latent_height: int, latent_width: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """3D RoPE (cos, sin) for a latent video, computed as CogVideoX's pipelines do.
+
+        None when the config uses no rotary embeddings. CogVideoX 1.0 (patch_size_t None)
+        places the latent grid inside the `sample_height x sample_width` base grid with
+        a resize-crop region; CogVideoX 1.5 slices it.
+        """
+        if not self.config.use_rotary_positional_embeddings:
+            return None
+        p, p_t = self.config.patch_size, self.config.patch_size_t
+        grid_height, grid_width = latent_height // p, latent_width // p
+        base_height, base_width = self.config.sample_height // p, self.config.sample_width // p
+        if p_t is None:
+            crops = get_resize_crop_region_for_grid((grid_height, grid_width), base_width, base_height)
+            return get_3d_rotary_pos_embed(
+                embed_dim=self.config.attention_head_dim,
+                crops_coords=crops,
+                grid_size=(grid_height, grid_width),
+                temporal_size=num_latent_frames,
+                device=device,
+            )
+        return get_3d_rotary_pos_embed(
+            embed_dim=self.config.attention_head_dim,
+            crops_coords=None,
+            grid_size=(grid_height, grid_width),
+            temporal_size=(num_latent_frames + p_t - 1) // p_t,
+            grid_type="slice",
+            max_size=(base_height, base_width),
+            device=device,
+        )
 
     def fuse_identity_text(
         self,
