@@ -1,0 +1,167 @@
+"""The public EchoVideo release's folder layout, and loaders for each of its parts.
+
+A release folder holds one subfolder per part (see `RELEASE_SUBFOLDERS`). Every loader checks
+its own subfolder first, so a wrong `pretrained_path` fails with a message that names the
+missing path and shows the layout that was expected, instead of a deep library traceback.
+Nothing here touches the network: every load is `local_files_only`.
+"""
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple
+
+import diffusers
+import torch
+from diffusers import AutoencoderKLCogVideoX
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import (
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    SiglipImageProcessor,
+    SiglipVisionModel,
+    T5EncoderModel,
+)
+
+from lightning_modules.echovideo_transformer import EchoVideoTransformer3DModel
+
+# A file requirement is met by any one of its patterns; models may ship either weight format,
+# sharded or not (shards match `*.safetensors` too).
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+
+
+class SubfolderSpec(NamedTuple):
+    holds: str
+    required_files: tuple[tuple[str, ...], ...]
+
+
+RELEASE_SUBFOLDERS = MappingProxyType(
+    {
+        "transformer": SubfolderSpec(
+            "EchoVideo transformer (EchoVideoTransformer3DModel)", (("config.json",), WEIGHT_FILES)
+        ),
+        "vae": SubfolderSpec("video VAE (diffusers AutoencoderKLCogVideoX)", (("config.json",), WEIGHT_FILES)),
+        "text_encoder": SubfolderSpec(
+            "T5 text encoder (transformers T5EncoderModel)", (("config.json",), WEIGHT_FILES)
+        ),
+        # The T5 release ships a SentencePiece model, a converted one ships tokenizer.json.
+        "tokenizer": SubfolderSpec(
+            "T5 tokenizer", (("tokenizer_config.json",), ("tokenizer.json", "spiece.model"))
+        ),
+        "scheduler": SubfolderSpec("diffusers noise scheduler", (("scheduler_config.json",),)),
+        "clip_visual_encoder": SubfolderSpec(
+            "SigLIP image encoder (transformers SiglipVisionModel) and its SiglipImageProcessor",
+            (("config.json",), WEIGHT_FILES, ("preprocessor_config.json",)),
+        ),
+    }
+)
+
+
+class ReleaseLayoutError(FileNotFoundError):
+    """A release folder lacks a part, or a path in it is of the wrong kind."""
+
+
+def expected_layout(subfolders: Iterable[str] = tuple(RELEASE_SUBFOLDERS)) -> str:
+    """A small tree of the expected subfolders and the files each must contain."""
+    subfolders = list(subfolders)
+    lines = ["<pretrained_path>/"]
+    for index, name in enumerate(subfolders):
+        spec = RELEASE_SUBFOLDERS[name]
+        last_folder = index == len(subfolders) - 1
+        lines.append(f"{'└──' if last_folder else '├──'} {name + '/':<22} {spec.holds}")
+        indent = "    " if last_folder else "│   "
+        for file_index, patterns in enumerate(spec.required_files):
+            branch = "└──" if file_index == len(spec.required_files) - 1 else "├──"
+            lines.append(f"{indent}{branch} {' or '.join(patterns)}")
+    return "\n".join(lines)
+
+
+def _problems(root: Path, subfolders: list[str]) -> list[str]:
+    if not root.exists():
+        return [f"missing: {root} (the release folder does not exist)"]
+    if not root.is_dir():
+        return [f"not a folder: {root}"]
+    problems = []
+    for name in subfolders:
+        folder = root / name
+        if not folder.exists():
+            problems.append(f"missing: {folder}/")
+            continue
+        if not folder.is_dir():
+            problems.append(f"not a folder: {folder}")
+            continue
+        for patterns in RELEASE_SUBFOLDERS[name].required_files:
+            if not any(path.is_file() for pattern in patterns for path in folder.glob(pattern)):
+                problems.append(f"missing: {' or '.join(str(folder / pattern) for pattern in patterns)}")
+    return problems
+
+
+def check_release_folder(root: str | Path, subfolders: Iterable[str] = tuple(RELEASE_SUBFOLDERS)) -> Path:
+    """Return `root` as a Path if it holds the given subfolders with their files.
+
+    Raises ReleaseLayoutError listing every missing or wrong path, the expected layout and
+    how to fix it.
+    """
+    root = Path(root).expanduser()
+    subfolders = list(subfolders)
+    unknown = [name for name in subfolders if name not in RELEASE_SUBFOLDERS]
+    if unknown:
+        raise ValueError(f"unknown release subfolders {unknown}; known: {list(RELEASE_SUBFOLDERS)}")
+    problems = _problems(root, subfolders)
+    if problems:
+        all_parts = ", ".join(f"{name}/" for name in RELEASE_SUBFOLDERS)
+        raise ReleaseLayoutError(
+            f"{root} is not a usable EchoVideo release folder:\n"
+            + "".join(f"  {problem}\n" for problem in problems)
+            + f"Expected layout:\n{expected_layout()}\n"
+            + f"Fix: point `pretrained_path` at the folder that holds {all_parts}"
+        )
+    return root
+
+
+def _subfolder(root: str | Path, name: str) -> Path:
+    return check_release_folder(root, subfolders=[name]) / name
+
+
+def load_transformer(root: str | Path, dtype: torch.dtype = torch.float32) -> EchoVideoTransformer3DModel:
+    folder = _subfolder(root, "transformer")
+    return EchoVideoTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+
+
+def load_vae(root: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKLCogVideoX:
+    folder = _subfolder(root, "vae")
+    return AutoencoderKLCogVideoX.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+
+
+def load_text_encoder(root: str | Path, dtype: torch.dtype = torch.float32) -> T5EncoderModel:
+    folder = _subfolder(root, "text_encoder")
+    return T5EncoderModel.from_pretrained(folder, dtype=dtype, local_files_only=True)
+
+
+def load_tokenizer(root: str | Path) -> PreTrainedTokenizerBase:
+    folder = _subfolder(root, "tokenizer")
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_siglip(
+    root: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[SiglipVisionModel, SiglipImageProcessor]:
+    folder = _subfolder(root, "clip_visual_encoder")
+    model = SiglipVisionModel.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    processor = SiglipImageProcessor.from_pretrained(folder, local_files_only=True)
+    return model, processor
+
+
+def load_scheduler(root: str | Path) -> SchedulerMixin:
+    """Instantiate the diffusers scheduler class named by `_class_name` in scheduler_config.json."""
+    folder = _subfolder(root, "scheduler")
+    config_file = folder / "scheduler_config.json"
+    class_name = json.loads(config_file.read_text()).get("_class_name")
+    scheduler_class = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise ValueError(
+            f"{config_file}: `_class_name` is {class_name!r}, which is not a diffusers scheduler class "
+            f"(the release uses 'CogVideoXDPMScheduler')"
+        )
+    return scheduler_class.from_pretrained(folder, local_files_only=True)
