@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import diffusers
 import torch
+from safetensors import safe_open
 from diffusers import AutoencoderKLCogVideoX
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import (
@@ -24,7 +25,7 @@ from transformers import (
     T5EncoderModel,
 )
 
-from lightning_modules.echovideo_transformer import EchoVideoTransformer3DModel
+from lightning_modules.echovideo_transformer import EchoVideoTransformer3DModel, build_on_meta_device
 
 # A file requirement is met by any one of its patterns; models may ship either weight format,
 # sharded or not (shards match `*.safetensors` too).
@@ -124,8 +125,58 @@ def _subfolder(root: str | Path, name: str) -> Path:
     return check_release_folder(root, subfolders=[name]) / name
 
 
+class CheckpointKeysError(ValueError):
+    """A transformer checkpoint whose parameter names or shapes differ from its config's model."""
+
+
+def _checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as weights:
+            shapes.update({key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()})
+    if not shapes:
+        for file in sorted(folder.glob("*.bin")):
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            shapes.update({key: tuple(value.shape) for key, value in state.items()})
+    return shapes
+
+
+def check_transformer_keys(folder: str | Path) -> None:
+    """Strict matching: the checkpoint holds exactly the parameters its config builds.
+
+    diffusers' `from_pretrained` only warns about missing or unexpected keys (and leaves
+    missing ones uninitialised), so this runs first and fails with the differences.
+    """
+    folder = Path(folder)
+    expected = {k: tuple(v.shape) for k, v in build_on_meta_device(folder / "config.json").state_dict().items()}
+    found = _checkpoint_shapes(folder)
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    mismatched = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    if missing or unexpected or mismatched:
+        def some(keys):
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        details = []
+        if missing:
+            details.append(f"missing from the weights: {some(missing)}")
+        if unexpected:
+            details.append(f"not in the model: {some(unexpected)}")
+        if mismatched:
+            details.append(
+                "shape differs: " + some([f"{k} {found[k]} vs {expected[k]}" for k in mismatched])
+            )
+        raise CheckpointKeysError(
+            f"{folder}: the weights do not match the model that {folder / 'config.json'} describes "
+            f"(strict loading):\n  " + "\n  ".join(details)
+            + "\nFix: use the release's transformer/ folder unchanged, or a folder written by "
+            "EchoVideoTransformer3DModel.save_pretrained."
+        )
+
+
 def load_transformer(root: str | Path, dtype: torch.dtype = torch.float32) -> EchoVideoTransformer3DModel:
     folder = _subfolder(root, "transformer")
+    check_transformer_keys(folder)
     return EchoVideoTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
 
 
