@@ -1,0 +1,3 @@
+from echovideo.cli import main
+
+main()

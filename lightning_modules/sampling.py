@@ -1,0 +1,148 @@
+"""Denoising loop of the EchoVideo release: CogVideoX schedulers, CFG, dynamic CFG.
+
+Plain torch: the LightningModule's predict step and any script call `sample_latents`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers import CogVideoXDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from tqdm.auto import tqdm
+
+from lightning_modules.echovideo_transformer import EchoVideoTransformer3DModel
+
+
+@dataclass
+class SamplingConfig:
+    """How `predict` generates a video (release defaults)."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 6.0
+    use_dynamic_cfg: bool = True
+    num_frames: int = 49
+    height: int = 480
+    width: int = 720
+    fps: int = 16
+    negative_prompt: str = ""
+    # None: the scheduler class named in the release folder's scheduler_config.json;
+    # otherwise a diffusers class name built from that same config (e.g. CogVideoXDDIMScheduler).
+    scheduler: str | None = None
+    show_progress: bool = True
+
+
+@dataclass
+class Conditions:
+    """Condition features of one branch, batch-first (see datamodules/batch.py)."""
+
+    text_embeds: torch.Tensor
+    siglip_tokens: torch.Tensor
+    arcface: torch.Tensor
+
+
+def dynamic_guidance_scale(guidance_scale: float, timestep: int, num_inference_steps: int) -> float:
+    """CogVideoX's dynamic CFG, written as the release's pipelines compute it.
+
+    Note the formula uses the timestep value where its derivation suggests the step index;
+    kept as released so that sampling reproduces the release.
+    """
+    progress = (num_inference_steps - timestep) / num_inference_steps
+    return 1 + guidance_scale * ((1 - math.cos(math.pi * progress**5.0)) / 2)
+
+
+@torch.no_grad()
+def sample_latents(
+    transformer: EchoVideoTransformer3DModel,
+    scheduler: SchedulerMixin,
+    face_latent: torch.Tensor,
+    cond: Conditions,
+    uncond: Conditions | None,
+    num_latent_frames: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    use_dynamic_cfg: bool,
+    generator: torch.Generator,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Generate B x f x C x h x w latents.
+
+    `face_latent` is B x 1 x C x h x w (scaled); it is zero-padded to all latent frames and
+    given unchanged to both CFG branches. `uncond` None disables CFG. Noise is drawn on the
+    CPU from `generator`, so a seed gives the same video on any device.
+    """
+    device = face_latent.device
+    dtype = transformer.dtype
+    batch, _, channels, height, width = face_latent.shape
+    out_channels = transformer.config.out_channels
+    face_latent = pad_face_latent(face_latent, num_latent_frames).to(dtype)
+
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    shape = (batch, num_latent_frames, out_channels, height, width)
+    latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    latents = latents * scheduler.init_noise_sigma
+
+    do_cfg = uncond is not None and guidance_scale > 1.0
+    branches = [uncond, cond] if do_cfg else [cond]
+    text = torch.cat([b.text_embeds for b in branches]).to(device, dtype)
+    siglip = torch.cat([b.siglip_tokens for b in branches]).to(device, dtype)
+    arcface = torch.cat([b.arcface for b in branches]).to(device, dtype)
+    identity_tokens = transformer.repeat_identity_embedding(arcface)
+    face_input = torch.cat([face_latent] * len(branches))
+    rotary = transformer.rotary_embeddings(num_latent_frames, height, width, device)
+
+    is_dpm = isinstance(scheduler, CogVideoXDPMScheduler)
+    old_pred_original_sample = None
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not show_progress, leave=False)):
+        model_input = torch.cat([latents] * len(branches))
+        model_input = scheduler.scale_model_input(model_input, t)
+        model_input = torch.cat([model_input.to(dtype), face_input], dim=2)
+        prediction = transformer(
+            hidden_states=model_input,
+            encoder_hidden_states=text,
+            encoder_face_hidden_states=siglip,
+            encoder_face_feats_hidden_states=identity_tokens,
+            timestep=t.expand(model_input.shape[0]),
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0].float()
+        if do_cfg:
+            scale = (
+                dynamic_guidance_scale(guidance_scale, t.item(), num_inference_steps)
+                if use_dynamic_cfg
+                else guidance_scale
+            )
+            prediction_uncond, prediction_cond = prediction.chunk(2)
+            prediction = prediction_uncond + scale * (prediction_cond - prediction_uncond)
+        if is_dpm:
+            latents, old_pred_original_sample = scheduler.step(
+                prediction,
+                old_pred_original_sample,
+                t,
+                timesteps[i - 1] if i > 0 else None,
+                latents,
+                generator=generator,
+                return_dict=False,
+            )
+        else:
+            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+    return latents
+
+
+def pad_face_latent(face_latent: torch.Tensor, num_latent_frames: int) -> torch.Tensor:
+    """B x 1 x C x h x w -> B x f x C x h x w: the face in the first frame, zeros after."""
+    padding = face_latent.new_zeros(
+        face_latent.shape[0], num_latent_frames - 1, *face_latent.shape[2:]
+    )
+    return torch.cat([face_latent, padding], dim=1)
+
+
+def num_latent_frames_for(num_frames: int, temporal_compression: int) -> int:
+    """Video frames -> latent frames of the CogVideoX VAE (49 -> 13 at 4x)."""
+    if (num_frames - 1) % temporal_compression:
+        raise ValueError(
+            f"num_frames={num_frames} must be 1 + a multiple of the VAE's temporal "
+            f"compression ({temporal_compression}), e.g. {1 + 12 * temporal_compression}."
+        )
+    return (num_frames - 1) // temporal_compression + 1

@@ -1,0 +1,36 @@
+"""Shared fixtures: one tiny release folder and small raw batches, reused by every test."""
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_modules.tiny import write_tiny_release
+
+# Lightning's hints about dataloader workers and missing loggers are noise on tiny runs.
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*LightningModule.log.*logger.*")
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory):
+    """A random tiny release in the public release's folder layout."""
+    return write_tiny_release(tmp_path_factory.mktemp("release") / "echovideo-tiny", seed=0)
+
+
+def make_raw_batch(batch_size: int = 2, num_frames: int = 9, size: int = 32, seed: int = 0) -> dict:
+    """Raw inputs in the batch contract (datamodules/batch.py), smooth enough to learn."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(batch_size, 3, 1, size // 8, size // 8, generator=g)
+    video = torch.nn.functional.interpolate(base, size=(num_frames, size, size), mode="trilinear") * 2 - 1
+    return {
+        "video": video.clamp(-1, 1),
+        "face_image": torch.rand(batch_size, 3, 32, 32, generator=g),
+        "caption": [f"a person number {i} smiles" for i in range(batch_size)],
+        "sample_id": [f"sample_{seed}_{i}" for i in range(batch_size)],
+    }
+
+
+@pytest.fixture
+def raw_batch():
+    return make_raw_batch()
