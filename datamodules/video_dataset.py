@@ -1,0 +1,246 @@
+"""Turn manifest entries into samples of the batch contract (see `datamodules/batch.py`).
+
+A sample whose files cannot be read comes back as None with a warning rather than an
+exception: one corrupt clip among a million must not kill a multi-day run, and
+`collate_skipping_unreadable` counts the skips so the training loop can log them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from datamodules.batch import CAPTION, FACE_IMAGE, NUM_SKIPPED, SAMPLE_ID, VIDEO
+from datamodules.manifest import ManifestEntry
+
+
+class SampleReadError(Exception):
+    """A sample's video or face image cannot be decoded into what the batch needs."""
+
+
+class VideoTooShortError(SampleReadError):
+    """The video has fewer frames than num_frames at frame_stride (from the start frame)."""
+
+
+class UnreadableSampleWarning(UserWarning):
+    """Emitted once per file when a sample is skipped; filter on this to silence it."""
+
+
+def decode_video_frames(
+    path: str | Path,
+    num_frames: int,
+    frame_stride: int = 1,
+    start_frame: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Decode frames start, start + stride, ... (num_frames of them) as F x H x W x 3 uint8.
+
+    `start_frame=None` draws a start uniformly from every start that fits, using
+    `generator` (the global torch RNG when None). Decoding stops at the last frame needed.
+    Raises VideoTooShortError when the clip is too short, SampleReadError when it cannot
+    be opened or decoded.
+    """
+    if num_frames < 1 or frame_stride < 1:
+        raise ValueError(f"num_frames and frame_stride must be >= 1, got {num_frames}, {frame_stride}")
+    if start_frame is not None and start_frame < 0:
+        raise ValueError(f"start_frame must be >= 0, got {start_frame}")
+    span = (num_frames - 1) * frame_stride + 1
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise SampleReadError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            if start_frame is None:
+                total = _count_frames(container, stream)
+                if total < span:
+                    raise VideoTooShortError(
+                        f"{path} has {total} frames; {num_frames} frames at stride "
+                        f"{frame_stride} need {span}")
+                start_frame = int(torch.randint(total - span + 1, (1,), generator=generator))
+            wanted = range(start_frame, start_frame + span, frame_stride)
+            frames = _decode_indices(container, stream, wanted)
+    except (av.FFmpegError, OSError) as err:
+        raise SampleReadError(f"cannot decode {path}: {err}") from err
+    if len(frames) < num_frames:
+        raise VideoTooShortError(
+            f"{path} ended before frame {wanted[len(frames)]}; {num_frames} frames at stride "
+            f"{frame_stride} from frame {start_frame} need {start_frame + span} frames")
+    return torch.from_numpy(np.stack(frames))
+
+
+def _count_frames(container, stream) -> int:
+    """Frame count from the container index; formats without one are counted by packet.
+
+    An index that overstates the count only costs a VideoTooShortError for a late start.
+    """
+    if stream.frames > 0:
+        return stream.frames
+    count = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    # Rewind so decoding starts from the first frame again.
+    container.seek(0, backward=True, any_frame=False, stream=stream)
+    return count
+
+
+def _decode_indices(container, stream, wanted: range) -> list[np.ndarray]:
+    """Decode in presentation order, converting only the wanted frames; stop after the last."""
+    stream.thread_type = "AUTO"
+    wanted_set = set(wanted)
+    frames = []
+    for index, frame in enumerate(container.decode(stream)):
+        if index in wanted_set:
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if index == wanted[-1]:
+                break
+    return frames
+
+
+def resize_and_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale F x 3 x H x W float frames so they cover height x width, then crop the centre.
+
+    Scaling by the larger of the two ratios keeps the aspect ratio and leaves no borders.
+    """
+    if not frames.is_floating_point():
+        raise TypeError(f"expected floating point frames, got {frames.dtype}")
+    source_height, source_width = frames.shape[-2:]
+    scale = max(height / source_height, width / source_width)
+    # max() guards against rounding a covering size down by one pixel.
+    scaled_height = max(height, round(source_height * scale))
+    scaled_width = max(width, round(source_width * scale))
+    if (scaled_height, scaled_width) != (source_height, source_width):
+        frames = F.interpolate(frames, size=(scaled_height, scaled_width), mode="bilinear",
+                               antialias=True, align_corners=False)
+    top = (scaled_height - height) // 2
+    left = (scaled_width - width) // 2
+    return frames[..., top:top + height, left:left + width]
+
+
+def load_face_image(path: str | Path, face_size: int) -> torch.Tensor:
+    """Load an aligned (square) face crop as 3 x face_size x face_size float in [0, 1]."""
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize((face_size, face_size), Image.Resampling.BICUBIC)
+    # PIL signals broken files with OSError (truncated, unidentified), SyntaxError (broken
+    # PNG chunks), ValueError and its decompression-bomb guard.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise SampleReadError(f"cannot read image {path}: {err}") from err
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div_(255)
+
+
+class VideoFaceDataset(torch.utils.data.Dataset):
+    """Samples of the batch contract: video clip, face crop, caption and sample id.
+
+    With `random_start` each sample's start frame is drawn from a generator seeded by
+    (seed, epoch, index): reproducible run to run, independent of worker count and
+    order, and different every epoch once `set_epoch` is called. Entries without a video
+    (prediction manifests) give samples without the `video` key.
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[ManifestEntry],
+        num_frames: int,
+        frame_stride: int,
+        height: int,
+        width: int,
+        face_size: int,
+        seed: int = 0,
+        random_start: bool = True,
+    ):
+        if min(num_frames, frame_stride, height, width, face_size) < 1:
+            raise ValueError("num_frames, frame_stride, height, width and face_size must be >= 1")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.entries = list(entries)
+        self.num_frames = num_frames
+        self.frame_stride = frame_stride
+        self.height = height
+        self.width = width
+        self.face_size = face_size
+        self.seed = seed
+        self.random_start = random_start
+        # Shared memory so set_epoch in the main process reaches DataLoader workers, which
+        # hold their own copy of the dataset (and keep it across epochs when persistent).
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        # Per process: each DataLoader worker may warn once for the same file.
+        self._warned_files: set[Path] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict | None:
+        entry = self.entries[index]
+        sample = {CAPTION: entry.caption, SAMPLE_ID: entry.sample_id}
+        if entry.video is not None:
+            try:
+                sample[VIDEO] = self._load_video(entry.video, index)
+            except SampleReadError as err:
+                self._warn_once(entry, entry.video, err)
+                return None
+        try:
+            sample[FACE_IMAGE] = load_face_image(entry.face_image, self.face_size)
+        except SampleReadError as err:
+            self._warn_once(entry, entry.face_image, err)
+            return None
+        return sample
+
+    def start_frame_generator(self, index: int) -> torch.Generator:
+        """The generator that picks sample `index`'s start frame in the current epoch."""
+        seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+    def _load_video(self, path: Path, index: int) -> torch.Tensor:
+        """3 x F x H x W float in [-1, 1], the VAE's layout."""
+        if self.random_start:
+            frames = decode_video_frames(path, self.num_frames, self.frame_stride,
+                                         generator=self.start_frame_generator(index))
+        else:
+            frames = decode_video_frames(path, self.num_frames, self.frame_stride, start_frame=0)
+        frames = frames.permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+        return resize_and_center_crop(frames, self.height, self.width).permute(1, 0, 2, 3).contiguous()
+
+    def _warn_once(self, entry: ManifestEntry, path: Path, err: Exception) -> None:
+        if path in self._warned_files:
+            return
+        self._warned_files.add(path)
+        warnings.warn(f"skipping sample {entry.sample_id} (manifest line {entry.line}): "
+                      f"{path}: {err}", UnreadableSampleWarning, stacklevel=3)
+
+
+def collate_skipping_unreadable(samples: Iterable[dict | None]) -> dict:
+    """Collate readable samples; `num_skipped` counts the None ones that were dropped.
+
+    Tensors are stacked, everything else (captions, ids) is kept as a list. A batch in
+    which every sample was dropped is `{"num_skipped": n}` alone, for the module to skip.
+    """
+    samples = list(samples)
+    readable = [sample for sample in samples if sample is not None]
+    num_skipped = torch.tensor(len(samples) - len(readable))
+    if not readable:
+        return {NUM_SKIPPED: num_skipped}
+    keys = readable[0].keys()
+    for sample in readable[1:]:
+        if sample.keys() != keys:
+            raise ValueError(
+                f"samples {readable[0].get(SAMPLE_ID)!r} and {sample.get(SAMPLE_ID)!r} carry "
+                f"different keys ({sorted(keys)} vs {sorted(sample.keys())}); a batch needs "
+                "the same keys in every sample (e.g. give every predict line a video or none)")
+    batch = {}
+    for key in keys:
+        values = [sample[key] for sample in readable]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    batch[NUM_SKIPPED] = num_skipped
+    return batch
