@@ -11,18 +11,17 @@ paths) that `read_manifest` and `VideoFaceDataset` consume like any other.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import tempfile
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 from skimage import data as skimage_data
+
+from datamodules.video_io import write_mp4
 
 # (left, top, right, bottom) of the astronaut's face in the 512x512 photo: hair to chin,
 # chosen by eye, square so the face is not distorted when resized to face_size.
@@ -109,40 +108,6 @@ def render_camera_move(
         frame = photo.resize((width, height), Image.Resampling.LANCZOS, box=box)
         frames.append(np.asarray(frame))
     return np.stack(frames)
-
-
-def write_mp4(path: str | Path, frames: np.ndarray, fps: int) -> str:
-    """Encode F x H x W x 3 uint8 RGB frames as an .mp4; return the codec used."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected F x H x W x 3 uint8 frames, got {frames.shape} {frames.dtype}")
-    codec = mp4_video_codec()
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps))
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        if codec == "libx264":
-            stream.options = {"crf": "18"}
-        else:
-            # mpeg4's default bit rate is meant for streaming and smears small frames.
-            stream.bit_rate = 4_000_000
-        for frame_index, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = frame_index
-            frame.time_base = Fraction(1, fps)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())  # flush the frames the encoder still holds
-    return codec
-
-
-@functools.cache
-def mp4_video_codec() -> str:
-    """Prefer H.264 (libx264); PyAV builds without it still ship the plain MPEG-4 encoder."""
-    try:
-        av.codec.Codec("libx264", "w")
-    except av.codec.codec.UnknownCodecError:
-        return "mpeg4"
-    return "libx264"
 
 
 # (phrase, axis moved: 0 = x / 1 = y, direction along it); zooms have no axis.

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from datamodules.feature_cache import CachedFeatureDataset
 from datamodules.manifest import ManifestEntry, ManifestError, check_manifest, format_problem
 from datamodules.video_dataset import VideoFaceDataset, collate_skipping_unreadable
 
@@ -28,11 +29,15 @@ class VideoFaceDataModule(L.LightningDataModule):
         batch_size: Samples per batch, per device.
         num_workers: DataLoader worker processes per device; 0 loads in the main process.
         seed: Seeds the shuffle order and the random start frames of training clips.
+        feature_cache_dir: Train on features cached by `datamodules.feature_cache`
+            instead of decoding and encoding videos (the manifest is then not read for fit).
+        repeat: One epoch walks the training set this many times; keeps per-epoch
+            overhead low on tiny datasets.
     """
 
     def __init__(
         self,
-        train_manifest: str,
+        train_manifest: str | None = None,
         val_manifest: str | None = None,
         predict_manifest: str | None = None,
         num_frames: int = 49,
@@ -43,6 +48,8 @@ class VideoFaceDataModule(L.LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 4,
         seed: int = 0,
+        feature_cache_dir: str | None = None,
+        repeat: int = 1,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -57,6 +64,10 @@ class VideoFaceDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
+        self.feature_cache_dir = feature_cache_dir
+        if repeat < 1:
+            raise ValueError(f"data.repeat must be >= 1, got {repeat}")
+        self.repeat = repeat
         self.train_dataset: VideoFaceDataset | None = None
         self.val_dataset: VideoFaceDataset | None = None
         self.predict_dataset: VideoFaceDataset | None = None
@@ -64,9 +75,16 @@ class VideoFaceDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         """Read and validate this stage's manifests; every problem is raised at once."""
         if stage == "fit":
+            if self.feature_cache_dir is None and self.train_manifest is None:
+                raise ValueError("fit needs data.train_manifest or data.feature_cache_dir")
+            from_manifest = self.train_manifest if self.feature_cache_dir is None else None
             train, val = self._read_manifests(
-                [(self.train_manifest, True), (self.val_manifest, True)])
-            self.train_dataset = self._dataset(train, random_start=True)
+                [(from_manifest, True), (self.val_manifest, True)])
+            if self.feature_cache_dir is not None:
+                train_dataset = CachedFeatureDataset(self.feature_cache_dir)
+            else:
+                train_dataset = self._dataset(train, random_start=True)
+            self.train_dataset = _Repeated(train_dataset, self.repeat) if self.repeat > 1 else train_dataset
             self.val_dataset = self._dataset(val, random_start=False) if val is not None else None
         elif stage == "validate":
             if self.val_manifest is None:
@@ -167,4 +185,22 @@ class _EpochSyncedSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        self.dataset.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
+class _Repeated(Dataset):
+    """`dataset` walked `times` times per epoch."""
+
+    def __init__(self, dataset: Dataset, times: int):
+        self.dataset, self.times = dataset, times
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index: int):
+        return self.dataset[index % len(self.dataset)]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)

@@ -74,7 +74,7 @@ class EchoVideoModule(pl.LightningModule):
         self.scheduler = None
         # Held outside nn.Module registration on purpose: the frozen encoders stay out of
         # state_dict (checkpoints), the optimizer, DeepSpeed's engine and precision casts.
-        self._identity_encoder = identity_encoder
+        object.__setattr__(self, "_identity_encoder", identity_encoder)
         object.__setattr__(self, "encoders", None)
         # Set by callbacks.TwoStageFaceLatentSchedule; 1.0 means stage 1.
         self.face_latent_keep_prob = 1.0
@@ -114,6 +114,7 @@ class EchoVideoModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._place_encoders()
+        self.transformer.train()  # loaded in eval mode by from_pretrained
 
     def on_validation_start(self) -> None:
         self._place_encoders()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.demo_data import write_mp4
+from datamodules.video_io import write_mp4
 
 GRAY_STEP = 10  # frame i is uniform gray 10 * i, so a decoded frame tells its own index
 # Lossy 4:2:0 encoding moves a uniform gray level by a few steps at most.

@@ -6,7 +6,9 @@ import pytest
 from PIL import Image
 
 from datamodules import demo_data
-from datamodules.demo_data import main, mp4_video_codec, write_demo_dataset
+from datamodules import video_io
+from datamodules.demo_data import main, write_demo_dataset
+from datamodules.video_io import mp4_video_codec
 from datamodules.manifest import read_manifest
 
 
@@ -58,9 +60,9 @@ def test_without_libx264_the_writer_falls_back_to_mpeg4(tmp_path, monkeypatch):
     assert mp4_video_codec.__wrapped__() == "mpeg4"
     monkeypatch.undo()
 
-    monkeypatch.setattr(demo_data, "mp4_video_codec", lambda: "mpeg4")
+    monkeypatch.setattr(video_io, "mp4_video_codec", lambda: "mpeg4")
     frames = np.zeros((3, 16, 16, 3), dtype=np.uint8)
-    assert demo_data.write_mp4(tmp_path / "clip.mp4", frames, fps=8) == "mpeg4"
+    assert video_io.write_mp4(tmp_path / "clip.mp4", frames, fps=8) == "mpeg4"
     with av.open(str(tmp_path / "clip.mp4")) as container:
         assert container.streams.video[0].codec_context.name == "mpeg4"
         assert len(list(container.decode(video=0))) == 3

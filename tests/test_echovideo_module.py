@@ -1,0 +1,115 @@
+"""The LightningModule: loss, what trains, frozen encoders, condition dropout, skipping."""
+
+import torch
+
+from datamodules import batch as keys
+from lightning_modules.batch_features import encode_batch_features
+from lightning_modules.echovideo_module import IITF_PARTS
+from module_helpers import ModelInputRecorder, build_module, loader, trainer
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict, module: torch.nn.Module) -> set[str]:
+    return {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def test_loss_falls_when_overfitting_one_batch(tiny_release, raw_batch):
+    module = build_module(tiny_release, text_dropout_prob=0.0, identity_dropout_prob=0.0, learning_rate=2e-3)
+    features = encode_batch_features(module.encoders, raw_batch)
+    with torch.no_grad():
+        before = torch.stack([module.diffusion_loss(features, step=-1, micro_batch=i)[0] for i in range(4)]).mean()
+    trainer(max_steps=60).fit(module, loader(features, 60))
+    with torch.no_grad():
+        after = torch.stack([module.diffusion_loss(features, step=-1, micro_batch=i)[0] for i in range(4)]).mean()
+    assert after < 0.6 * before, (before.item(), after.item())
+
+
+def test_frozen_encoders_never_train_nor_enter_optimizer_or_checkpoint(tiny_release, raw_batch, tmp_path):
+    module = build_module(tiny_release)
+    encoders_before = _snapshot(module.encoders)
+    transformer_before = _snapshot(module.transformer)
+
+    fit = trainer(tmp_path, max_steps=3)
+    fit.fit(module, loader(raw_batch, 3))
+
+    assert _changed(encoders_before, module.encoders) == set()
+    assert _changed(transformer_before, module.transformer)  # the transformer did train
+    assert not module.encoders.training
+    assert all(not m.training for m in module.encoders.modules())
+    assert all(not p.requires_grad and p.grad is None for p in module.encoders.parameters())
+    optimized = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
+    assert optimized.isdisjoint(id(p) for p in module.encoders.parameters())
+    assert optimized == {id(p) for p in module.transformer.parameters()}
+    assert all(k.startswith("transformer.") for k in module.state_dict())
+
+
+def test_iitf_only_trains_the_four_fusion_parts(tiny_release, raw_batch, tmp_path):
+    module = build_module(tiny_release, trainable="iitf")
+    before = _snapshot(module.transformer)
+    fit = trainer(tmp_path, max_steps=2)
+    fit.fit(module, loader(raw_batch, 2))
+
+    changed = _changed(before, module.transformer)
+    assert changed and all(k.split(".")[0] in IITF_PARTS for k in changed)
+    assert {k.split(".")[0] for k in changed} == set(IITF_PARTS)
+    optimized = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
+    iitf = {id(p) for name in IITF_PARTS for p in getattr(module.transformer, name).parameters()}
+    assert optimized == iitf
+
+
+def test_condition_dropout_uses_the_unconditional_forms(tiny_release, raw_batch):
+    module = build_module(tiny_release, text_dropout_prob=1.0, identity_dropout_prob=0.0)
+    features = encode_batch_features(module.encoders, raw_batch)
+    original = {k: v.clone() for k, v in features.items()}
+    module._drop_conditions(features, step=0, micro_batch=0)
+    empty_prompt = module.encoders.encode_text([""])
+    assert torch.equal(features[keys.TEXT_EMBEDS], empty_prompt.expand_as(features[keys.TEXT_EMBEDS]))
+    assert torch.equal(features[keys.SIGLIP_TOKENS], original[keys.SIGLIP_TOKENS])
+
+    module = build_module(tiny_release, text_dropout_prob=0.0, identity_dropout_prob=1.0)
+    features = {k: v.clone() for k, v in original.items()}
+    module._drop_conditions(features, step=0, micro_batch=0)
+    black = module.encoders.unconditional_siglip_tokens(1)
+    assert torch.equal(features[keys.SIGLIP_TOKENS], black.expand_as(features[keys.SIGLIP_TOKENS]))
+    assert torch.count_nonzero(features[keys.ARCFACE]) == 0
+    assert torch.equal(features[keys.TEXT_EMBEDS], original[keys.TEXT_EMBEDS])
+    assert torch.equal(features[keys.FACE_LATENT], original[keys.FACE_LATENT])  # never dropped by CFG
+
+
+def test_face_latent_keep_probability_masks_the_face_channels(tiny_release, raw_batch):
+    module = build_module(tiny_release)
+    recorder = ModelInputRecorder(module)
+    features = encode_batch_features(module.encoders, raw_batch)
+    module.face_latent_keep_prob = 1.0
+    _, stats = module.diffusion_loss(features, step=0)
+    assert stats["face_latent_keep_rate"] == 1.0 and recorder.calls[-1]["face_kept"] == [True, True]
+    module.face_latent_keep_prob = 0.0
+    _, stats = module.diffusion_loss(features, step=0)
+    assert stats["face_latent_keep_rate"] == 0.0 and recorder.calls[-1]["face_kept"] == [False, False]
+    # Same step and micro-batch: same timesteps and noise whatever the keep probability.
+    assert recorder.calls[-1]["timestep"] == recorder.calls[-2]["timestep"]
+    assert recorder.calls[-1]["noisy_sum"] == recorder.calls[-2]["noisy_sum"]
+
+
+def test_batches_of_only_unreadable_samples_are_skipped_and_counted(tiny_release, raw_batch, tmp_path):
+    module = build_module(tiny_release)
+    recorder = ModelInputRecorder(module)
+    empty = {keys.NUM_SKIPPED: torch.tensor(2)}
+    partial = dict(raw_batch, **{keys.NUM_SKIPPED: torch.tensor(1)})
+    batches = [empty, partial, empty]
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, i):
+            return batches[i]
+
+    fit = trainer(tmp_path, max_epochs=1)
+    fit.fit(module, torch.utils.data.DataLoader(Batches(), batch_size=None))
+    assert module.skipped_samples == 5
+    assert len(recorder.calls) == 1  # only the batch with readable samples reached the model
+    assert fit.callback_metrics["data/skipped_samples"] == 5
