@@ -29,18 +29,23 @@ def _file_stem(sample_id: str) -> str:
 
 
 class VideoPredictionWriter(BasePredictionWriter):
-    """After every predict batch: `<output_dir>/<sample_id>.mp4`, `<sample_id>.png`, and
+    """After every predict batch (`output_dir` defaults to `<trainer.default_root_dir>/predictions`):
+    `<output_dir>/<sample_id>.mp4`, `<sample_id>.png`, and
     one line per video in `<output_dir>/predictions.jsonl` (sample id, caption, files).
 
     Files are written to a temporary name and renamed, so an interrupted run never leaves
     a truncated video under the final name.
     """
 
-    def __init__(self, output_dir: str, write_contact_sheet: bool = True):
+    def __init__(self, output_dir: str | None = None, write_contact_sheet: bool = True):
         super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
         self.write_contact_sheet = write_contact_sheet
         self.written: list[Path] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.output_dir is None:  # default: beside the run's checkpoints and logs
+            self.output_dir = Path(trainer.default_root_dir) / "predictions"
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         self.output_dir.mkdir(parents=True, exist_ok=True)

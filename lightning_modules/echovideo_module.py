@@ -5,6 +5,7 @@ It wires plain parts together: the EchoVideo transformer (trained), the frozen e
 two-stage callback sets `face_latent_keep_prob`; everything else is configuration.
 """
 
+from dataclasses import asdict
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -68,8 +69,10 @@ class EchoVideoModule(pl.LightningModule):
         sampling: SamplingConfig | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["identity_encoder"])
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["identity_encoder", "sampling"])
         self.sampling = sampling or SamplingConfig()
+        self.hparams["sampling"] = asdict(self.sampling)
         self.transformer: EchoVideoTransformer3DModel | None = None
         self.scheduler = None
         # Held outside nn.Module registration on purpose: the frozen encoders stay out of
