@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_constant_schedule_with_warmup
@@ -124,6 +125,11 @@ class EchoVideoModule(pl.LightningModule):
 
     def on_predict_start(self) -> None:
         self._place_encoders()
+        if self.trainer.ckpt_path is None:
+            rank_zero_info(
+                f"predict: no checkpoint loaded; sampling with the transformer in "
+                f"{self.hparams.pretrained_path}/transformer"
+            )
 
     # ----------------------------------------------------------------- training
     def configure_optimizers(self):

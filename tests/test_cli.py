@@ -70,6 +70,12 @@ def test_fit_resume_predict(demo_setup, monkeypatch):
         assert tag in scalars, sorted(scalars)
     assert max(scalars["train/loss"]) >= 3  # steps logged after the resume land in the same run
 
+    manifest = next(a for a in overrides if "train_manifest" in a).split("=", 1)[1]
+    validate = EchoVideoCLI(
+        args=["validate", *config, *overrides, f"--data.init_args.val_manifest={manifest}", "--ckpt_path=last"]
+    )
+    assert validate.trainer.callback_metrics["val/loss"] > 0
+
     predict = EchoVideoCLI(args=["predict", *config, *overrides, "--ckpt_path=last"])
     video = run / "predictions" / "me.mp4"
     with av.open(str(video)) as container:
