@@ -99,11 +99,13 @@ def test_bad_manifest_line_is_reported_before_training(demo_setup, monkeypatch, 
     assert not (run / "checkpoints").exists()
 
 
-def test_module_entry_point_parses_the_experiment():
-    """`python -m echovideo` resolves the YAML's own interpolations (omegaconf mode)."""
+@pytest.mark.parametrize("experiment", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_module_entry_point_parses_every_experiment(experiment):
+    """`python -m echovideo` parses each experiment and resolves its interpolations (omegaconf mode)."""
     result = subprocess.run(
-        [sys.executable, "-m", "echovideo", "fit", "--config", str(EXPERIMENT), "--print_config"],
+        [sys.executable, "-m", "echovideo", "fit", "--config", str(experiment), "--print_config"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "num_frames: 9" in result.stdout and "${" not in result.stdout
+    assert "class_path: lightning_modules.echovideo_module.EchoVideoModule" in result.stdout
+    assert "${" not in result.stdout
