@@ -28,7 +28,13 @@ from datamodules.video_dataset import VideoFaceDataset, collate_skipping_unreada
 from echovideo.cli import EchoVideoCLI
 from lightning_modules.batch_features import encode_batch_features
 from lightning_modules.frozen_encoders import FrozenEncoders
-from lightning_modules.tiny import build_tiny_identity_encoder, build_tiny_vae, write_tiny_release
+from lightning_modules.tiny import (
+    DEMO_TRANSFORMER_OVERRIDES,
+    build_tiny_identity_encoder,
+    build_tiny_vae,
+    tiny_transformer_config,
+    write_tiny_release,
+)
 
 EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "demo_tiny.yaml"
 NUM_FRAMES, SIZE, FACE_SIZE = 9, 64, 64
@@ -109,10 +115,14 @@ def run_demo(out: Path, vae_seconds: float, train_time: str) -> dict:
     vae = build_tiny_vae(seed=0)
     mse = fit_vae_to_clips(vae, clips, seconds=vae_seconds)
     print(f"tiny VAE fitted: reconstruction MSE {mse:.4f} on {len(clips)} clips")
-    write_tiny_release(release_dir, seed=0, vae=vae, transformer_overrides={"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32}, overwrite=True)
+    write_tiny_release(
+        release_dir, seed=0, vae=vae, transformer_overrides=DEMO_TRANSFORMER_OVERRIDES, overwrite=True
+    )
 
     encoders = FrozenEncoders.from_release_folder(
-        release_dir, identity_encoder=build_tiny_identity_encoder(seed=0), max_text_seq_length=16
+        release_dir,
+        identity_encoder=build_tiny_identity_encoder(seed=0),
+        max_text_seq_length=tiny_transformer_config()["max_text_seq_length"],
     )
     batches = [collate_skipping_unreadable(samples[i : i + 4]) for i in range(0, len(samples), 4)]
     write_feature_cache(batches, lambda b: encode_batch_features(encoders, b), cache_dir, total=len(batches))
