@@ -2,13 +2,13 @@
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
+from datamodules.files import file_stem_for
 from datamodules.video_io import write_mp4
 
 
@@ -22,10 +22,6 @@ def contact_sheet(frames: np.ndarray, columns: int = 0) -> Image.Image:
         row, column = divmod(index, columns)
         sheet[row * height : (row + 1) * height, column * width : (column + 1) * width] = frame
     return Image.fromarray(sheet)
-
-
-def _file_stem(sample_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id).strip("._") or "sample"
 
 
 class VideoPredictionWriter(BasePredictionWriter):
@@ -52,7 +48,7 @@ class VideoPredictionWriter(BasePredictionWriter):
         frames = prediction["frames"].numpy()
         index_lines = []
         for video, sample_id, caption in zip(frames, prediction["sample_id"], prediction["caption"]):
-            stem = _file_stem(f"{sample_id}_rank{trainer.global_rank}" if trainer.world_size > 1 else sample_id)
+            stem = file_stem_for(f"{sample_id}_rank{trainer.global_rank}" if trainer.world_size > 1 else sample_id)
             video_path = self.output_dir / f"{stem}.mp4"
             write_mp4(video_path, video, fps=prediction["fps"])
             record = {"sample_id": sample_id, "caption": caption, "video": video_path.name}

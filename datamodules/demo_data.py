@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 from PIL import Image
 from skimage import data as skimage_data
 
+from datamodules.files import write_text_atomically
 from datamodules.video_io import write_mp4
 
 # (left, top, right, bottom) of the astronaut's face in the 512x512 photo: hair to chin,
@@ -87,7 +86,7 @@ def write_demo_dataset(
         })
 
     manifest_path = out_dir / MANIFEST_NAME
-    _write_atomically(manifest_path, "".join(json.dumps(record) + "\n" for record in records))
+    write_text_atomically(manifest_path, "".join(json.dumps(record) + "\n" for record in records))
     return manifest_path
 
 
@@ -173,19 +172,6 @@ def _clamp_center(
 def _ease_in_out(t: float) -> float:
     """Smoothstep: the camera accelerates and settles instead of jerking at the ends."""
     return t * t * (3 - 2 * t)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write via a temp file and os.replace so readers never see a half-written manifest."""
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as temp_file:
-            temp_file.write(text)
-        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; a manifest is meant to be shared
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:

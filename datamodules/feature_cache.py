@@ -9,7 +9,6 @@ stopped and never leaves a half-written file under its final name.
 
 import json
 import os
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from datamodules import batch as keys
+from datamodules.files import file_stem_for, write_text_atomically
 
 INDEX_NAME = "index.jsonl"
 
@@ -28,7 +28,7 @@ class FeatureCacheError(ValueError):
 
 
 def _file_name(sample_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id) + ".safetensors"
+    return file_stem_for(sample_id) + ".safetensors"
 
 
 def write_feature_cache(
@@ -62,9 +62,7 @@ def write_feature_cache(
             for sid, caption in zip(sample_ids, captions)
         ]
     index = cache_dir / INDEX_NAME
-    temporary = index.with_name(f".{INDEX_NAME}.tmp")
-    temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(temporary, index)
+    write_text_atomically(index, "".join(json.dumps(r) + "\n" for r in records))
     return index
 
 

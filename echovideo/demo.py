@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from datamodules.demo_data import write_demo_dataset
 from datamodules.feature_cache import write_feature_cache
+from datamodules.files import write_text_atomically
 from datamodules.manifest import read_manifest
 from datamodules.video_dataset import VideoFaceDataset, collate_skipping_unreadable
 from echovideo.cli import EchoVideoCLI
@@ -93,7 +94,7 @@ def _write_predict_manifest(manifest: Path, count: int = 2) -> Path:
         json.dumps({"id": f"demo_{i}", "caption": e.caption, "face_image": os.path.relpath(e.face_image, path.parent)})
         for i, e in enumerate(entries)
     ]
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomically(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -76,6 +76,7 @@ class EchoVideoModule(pl.LightningModule):
         self.hparams["sampling"] = asdict(self.sampling)
         self.transformer: EchoVideoTransformer3DModel | None = None
         self.scheduler = None
+        self.sampling_scheduler = None
         # Held outside nn.Module registration on purpose: the frozen encoders stay out of
         # state_dict (checkpoints), the optimizer, DeepSpeed's engine and precision casts.
         object.__setattr__(self, "_identity_encoder", identity_encoder)
@@ -93,6 +94,7 @@ class EchoVideoModule(pl.LightningModule):
         hp = self.hparams
         self.transformer = load_transformer(hp.pretrained_path, dtype=torch.float32)
         self.scheduler = load_scheduler(hp.pretrained_path)
+        self.sampling_scheduler = self._build_sampling_scheduler()
         encoders = FrozenEncoders.from_release_folder(
             hp.pretrained_path,
             identity_encoder=self._identity_encoder,
@@ -216,7 +218,6 @@ class EchoVideoModule(pl.LightningModule):
         return loss, {"face_latent_keep_rate": keep.float().mean()}
 
     def _features(self, batch: dict, step: int, micro_batch: int = 0) -> dict | None:
-        self.skipped_samples += int(batch.get(keys.NUM_SKIPPED, 0))
         if not any(k in batch for k in (keys.LATENTS, keys.VIDEO)):
             return None  # every sample of this batch was unreadable
         return encode_batch_features(
@@ -228,6 +229,7 @@ class EchoVideoModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         step, micro_batch = self.global_step, self._micro_batch(batch_idx)
+        self.skipped_samples += int(batch.get(keys.NUM_SKIPPED, 0))
         features = self._features(batch, step, micro_batch)
         self.log("data/skipped_samples", float(self.skipped_samples), on_step=True, rank_zero_only=True)
         if features is None:
@@ -271,7 +273,7 @@ class EchoVideoModule(pl.LightningModule):
         generator = step_generator(self.hparams.seed, batch_idx, self.global_rank, "predict")
         latents = sample_latents(
             self.transformer,
-            self._sampling_scheduler(),
+            self.sampling_scheduler,
             features[keys.FACE_LATENT],
             cond=Conditions(features[keys.TEXT_EMBEDS], features[keys.SIGLIP_TOKENS], features[keys.ARCFACE]),
             uncond=Conditions(
@@ -294,7 +296,8 @@ class EchoVideoModule(pl.LightningModule):
             "fps": cfg.fps,
         }
 
-    def _sampling_scheduler(self):
+    def _build_sampling_scheduler(self):
+        """The folder's scheduler, or `sampling.scheduler` built from the folder's config."""
         if self.sampling.scheduler is None:
             return self.scheduler
         import diffusers

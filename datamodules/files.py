@@ -1,0 +1,25 @@
+"""Small file helpers shared by the data pipeline, the cache and the writers."""
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write via a temp file and os.replace so readers never see a half-written file."""
+    path = Path(path)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as temp_file:
+            temp_file.write(text)
+        os.chmod(temp_name, 0o644)  # mkstemp creates 0600; these files are meant to be shared
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def file_stem_for(sample_id: str) -> str:
+    """A sample id made safe to use as a file name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id).strip("._") or "sample"
