@@ -14,6 +14,9 @@ $(STAMP): requirements.txt pyproject.toml
 	# DeepSpeed compiles its CUDA ops lazily on the cluster; DS_BUILD_OPS=0 keeps the
 	# install pure Python, and --no-build-isolation lets its setup see the pinned torch.
 	DS_BUILD_OPS=0 $(PY) -m pip install --no-build-isolation deepspeed==0.19.8
+	# facexlib (fallback face detector and face parser): its declared dependencies would
+	# add opencv-python beside the headless build; the parts the kit uses need none of them.
+	$(PY) -m pip install --no-deps facexlib==0.3.0
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

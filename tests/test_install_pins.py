@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,8 +34,9 @@ def test_torch_and_torchvision_are_pinned_together_to_the_regular_builds():
     assert requirements["torchvision"] == "==0.28.0"
 
 
-def test_deepspeed_pin_is_the_same_in_makefile_and_environment():
+@pytest.mark.parametrize("package", ["deepspeed", "facexlib"])
+def test_packages_installed_apart_have_the_same_pin_in_makefile_and_environment(package):
     makefile = (ROOT / "Makefile").read_text()
     environment = (ROOT / "environment.yml").read_text()
-    pins = set(re.findall(r"deepspeed==(\S+)", makefile)) | set(re.findall(r"deepspeed==(\S+)", environment))
-    assert len(pins) == 1
+    pins = set(re.findall(rf"{package}==(\S+)", makefile)) | set(re.findall(rf"{package}==(\S+)", environment))
+    assert len(pins) == 1, pins

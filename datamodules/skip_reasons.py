@@ -1,0 +1,38 @@
+"""Why a sample was left out: one fixed list, shared by preprocessing, loaders and logs.
+
+A sample that cannot be used is skipped, never fatal, and never silent: the reason is
+counted in the preprocess report and, during training, logged as `data/skipped/<reason>`
+summed over all ranks. The list is fixed (not discovered at run time) so that every rank
+reduces the same vector of counts in the same order, which a collective op requires.
+"""
+
+from __future__ import annotations
+
+INVALID_MANIFEST_LINE = "invalid_manifest_line"
+UNREADABLE_VIDEO = "unreadable_video"
+VIDEO_TOO_SHORT = "video_too_short"
+UNREADABLE_IMAGE = "unreadable_image"
+NO_FACE = "no_face"
+EMPTY_CAPTION = "empty_caption"
+SOURCE_CHANGED = "source_changed"
+
+SKIP_REASONS = (
+    INVALID_MANIFEST_LINE,
+    UNREADABLE_VIDEO,
+    VIDEO_TOO_SHORT,
+    UNREADABLE_IMAGE,
+    NO_FACE,
+    EMPTY_CAPTION,
+    SOURCE_CHANGED,
+)
+
+
+class SkippedSample(Exception):
+    """A sample that must be left out, with one of SKIP_REASONS and a human-readable detail."""
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; known: {SKIP_REASONS}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
