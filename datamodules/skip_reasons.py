@@ -8,6 +8,8 @@ reduces the same vector of counts in the same order, which a collective op requi
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 INVALID_MANIFEST_LINE = "invalid_manifest_line"
 UNREADABLE_VIDEO = "unreadable_video"
 VIDEO_TOO_SHORT = "video_too_short"
@@ -36,3 +38,10 @@ class SkippedSample(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+class Skipped(NamedTuple):
+    """What a dataset returns in place of a sample it had to leave out."""
+
+    reason: str
+    sample_id: str

@@ -1,8 +1,9 @@
 """Turn manifest entries into samples of the batch contract (see `datamodules/batch.py`).
 
-A sample whose files cannot be read comes back as None with a warning rather than an
-exception: one corrupt clip among a million must not kill a multi-day run, and
-`collate_skipping_unreadable` counts the skips so the training loop can log them.
+A sample whose files cannot be read comes back as a `Skipped` marker (with its reason)
+and a warning rather than an exception: one corrupt clip among a million must not kill a
+multi-day run, and `collate_skipping_unreadable` counts the skips per reason so the
+training loop can log them.
 """
 
 from __future__ import annotations
@@ -17,16 +18,32 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datamodules.batch import CAPTION, FACE_IMAGE, NUM_SKIPPED, SAMPLE_ID, VIDEO
+from datamodules.batch import CAPTION, FACE_IMAGE, SAMPLE_ID, SKIPPED, VIDEO
 from datamodules.manifest import ManifestEntry
+from datamodules.skip_reasons import (
+    SKIP_REASONS,
+    UNREADABLE_IMAGE,
+    UNREADABLE_VIDEO,
+    VIDEO_TOO_SHORT,
+    Skipped,
+    SkippedSample,
+)
+
+REFERENCE_FRAMES = ("inside_window", "outside_window")
 
 
-class SampleReadError(Exception):
+class SampleReadError(SkippedSample):
     """A sample's video or face image cannot be decoded into what the batch needs."""
+
+    def __init__(self, detail: str, reason: str = UNREADABLE_VIDEO):
+        super().__init__(reason, detail)
 
 
 class VideoTooShortError(SampleReadError):
     """The video has fewer frames than num_frames at frame_stride (from the start frame)."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail, VIDEO_TOO_SHORT)
 
 
 class UnreadableSampleWarning(UserWarning):
@@ -47,32 +64,67 @@ def decode_video_frames(
     Raises VideoTooShortError when the clip is too short, SampleReadError when it cannot
     be opened or decoded.
     """
+    return decode_clip(path, num_frames, frame_stride, start_frame, generator)[0]
+
+
+def decode_clip(
+    path: str | Path,
+    num_frames: int,
+    frame_stride: int = 1,
+    start_frame: int | None = None,
+    generator: torch.Generator | None = None,
+    reference_frame: str | None = None,
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """`decode_video_frames`, plus one more frame to take a reference face from.
+
+    `reference_frame="inside_window"` returns the middle frame of the training window;
+    `"outside_window"` the clip frame farthest from the window (peers report that a face
+    from outside the window reduces copy-paste), or the middle one when the window covers
+    the whole clip. The second element is that frame (H x W x 3 uint8 RGB) or None.
+    """
     if num_frames < 1 or frame_stride < 1:
         raise ValueError(f"num_frames and frame_stride must be >= 1, got {num_frames}, {frame_stride}")
     if start_frame is not None and start_frame < 0:
         raise ValueError(f"start_frame must be >= 0, got {start_frame}")
+    if reference_frame not in (None, *REFERENCE_FRAMES):
+        raise ValueError(f"reference_frame must be one of {REFERENCE_FRAMES} or None, got {reference_frame!r}")
     span = (num_frames - 1) * frame_stride + 1
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise SampleReadError(f"{path} has no video stream")
             stream = container.streams.video[0]
-            if start_frame is None:
+            total = None
+            if start_frame is None or reference_frame == "outside_window":
                 total = _count_frames(container, stream)
+            if start_frame is None:
                 if total < span:
                     raise VideoTooShortError(
                         f"{path} has {total} frames; {num_frames} frames at stride "
                         f"{frame_stride} need {span}")
                 start_frame = int(torch.randint(total - span + 1, (1,), generator=generator))
             wanted = range(start_frame, start_frame + span, frame_stride)
-            frames = _decode_indices(container, stream, wanted)
+            reference_index = _reference_index(reference_frame, wanted, total)
+            frames, reference = _decode_indices(container, stream, wanted, reference_index)
     except (av.FFmpegError, OSError) as err:
         raise SampleReadError(f"cannot decode {path}: {err}") from err
     if len(frames) < num_frames:
         raise VideoTooShortError(
             f"{path} ended before frame {wanted[len(frames)]}; {num_frames} frames at stride "
             f"{frame_stride} from frame {start_frame} need {start_frame + span} frames")
-    return torch.from_numpy(np.stack(frames))
+    return torch.from_numpy(np.stack(frames)), reference
+
+
+def _reference_index(reference_frame: str | None, window: range, total: int | None) -> int | None:
+    if reference_frame is None:
+        return None
+    middle = window[len(window) // 2]
+    if reference_frame == "inside_window":
+        return middle
+    before, after = window.start, total - 1 - window[-1]
+    if max(before, after) <= 0:
+        return middle
+    return 0 if before >= after else total - 1
 
 
 def _count_frames(container, stream) -> int:
@@ -88,17 +140,24 @@ def _count_frames(container, stream) -> int:
     return count
 
 
-def _decode_indices(container, stream, wanted: range) -> list[np.ndarray]:
+def _decode_indices(
+    container, stream, wanted: range, reference_index: int | None = None
+) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Decode in presentation order, converting only the wanted frames; stop after the last."""
     stream.thread_type = "AUTO"
     wanted_set = set(wanted)
-    frames = []
+    last = max(wanted[-1], reference_index if reference_index is not None else -1)
+    frames, reference = [], None
     for index, frame in enumerate(container.decode(stream)):
-        if index in wanted_set:
-            frames.append(frame.to_ndarray(format="rgb24"))
-            if index == wanted[-1]:
-                break
-    return frames
+        if index in wanted_set or index == reference_index:
+            rgb = frame.to_ndarray(format="rgb24")
+            if index in wanted_set:
+                frames.append(rgb)
+            if index == reference_index:
+                reference = rgb
+        if index >= last:
+            break
+    return frames, reference
 
 
 def resize_and_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -129,7 +188,7 @@ def load_face_image(path: str | Path, face_size: int) -> torch.Tensor:
     # PIL signals broken files with OSError (truncated, unidentified), SyntaxError (broken
     # PNG chunks), ValueError and its decompression-bomb guard.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise SampleReadError(f"cannot read image {path}: {err}") from err
+        raise SampleReadError(f"cannot read image {path}: {err}", UNREADABLE_IMAGE) from err
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div_(255)
 
 
@@ -181,7 +240,7 @@ class VideoFaceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, index: int) -> dict | Skipped:
         entry = self.entries[index]
         sample = {CAPTION: entry.caption, SAMPLE_ID: entry.sample_id}
         if entry.video is not None:
@@ -189,12 +248,12 @@ class VideoFaceDataset(torch.utils.data.Dataset):
                 sample[VIDEO] = self._load_video(entry.video, index)
             except SampleReadError as err:
                 self._warn_once(entry, entry.video, err)
-                return None
+                return Skipped(err.reason, entry.sample_id)
         try:
             sample[FACE_IMAGE] = load_face_image(entry.face_image, self.face_size)
         except SampleReadError as err:
             self._warn_once(entry, entry.face_image, err)
-            return None
+            return Skipped(err.reason, entry.sample_id)
         return sample
 
     def start_frame_generator(self, index: int) -> torch.Generator:
@@ -220,17 +279,20 @@ class VideoFaceDataset(torch.utils.data.Dataset):
                       f"{path}: {err}", UnreadableSampleWarning, stacklevel=3)
 
 
-def collate_skipping_unreadable(samples: Iterable[dict | None]) -> dict:
-    """Collate readable samples; `num_skipped` counts the None ones that were dropped.
+def collate_skipping_unreadable(samples: Iterable[dict | Skipped]) -> dict:
+    """Collate readable samples; `skipped` counts the dropped ones per reason.
 
     Tensors are stacked, everything else (captions, ids) is kept as a list. A batch in
-    which every sample was dropped is `{"num_skipped": n}` alone, for the module to skip.
+    which every sample was dropped is `{"skipped": counts}` alone, for the module to skip.
     """
     samples = list(samples)
-    readable = [sample for sample in samples if sample is not None]
-    num_skipped = torch.tensor(len(samples) - len(readable))
+    readable = [sample for sample in samples if not isinstance(sample, Skipped)]
+    skipped = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
+    for sample in samples:
+        if isinstance(sample, Skipped):
+            skipped[SKIP_REASONS.index(sample.reason)] += 1
     if not readable:
-        return {NUM_SKIPPED: num_skipped}
+        return {SKIPPED: skipped}
     keys = readable[0].keys()
     for sample in readable[1:]:
         if sample.keys() != keys:
@@ -242,5 +304,5 @@ def collate_skipping_unreadable(samples: Iterable[dict | None]) -> dict:
     for key in keys:
         values = [sample[key] for sample in readable]
         batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    batch[NUM_SKIPPED] = num_skipped
+    batch[SKIPPED] = skipped
     return batch

@@ -1,12 +1,13 @@
 """Turn a batch (raw inputs and/or cached features) into the features the model consumes.
 
 The one place that maps raw keys to cached keys (datamodules/batch.py); the
-LightningModule, the feature cache and the predict path all go through it.
+LightningModule, the feature store and the predict path all go through it.
 """
 
 import torch
 
 from datamodules import batch as keys
+from lightning_modules.frozen_encoders import draw_latents
 
 
 def encode_batch_features(
@@ -22,7 +23,7 @@ def encode_batch_features(
     batch holds no video (prediction); otherwise the video's own size is used.
     `latents` is absent from the result when the batch has neither `latents` nor `video`.
     """
-    device = device or next(encoders.parameters()).device
+    device = device or encoders.device
     features = {
         key: batch[key].to(device).float() for key in keys.CACHED_KEYS if key in batch
     }
@@ -34,6 +35,8 @@ def encode_batch_features(
     face_image = batch[keys.FACE_IMAGE].to(device) if needs_face else None
     video = batch.get(keys.VIDEO)
 
+    if keys.LATENTS not in features and keys.LATENT_MEAN in batch:
+        features[keys.LATENTS] = draw_latents(batch[keys.LATENT_MEAN], batch[keys.LATENT_STD], generator).to(device)
     if keys.LATENTS not in features and video is not None:
         features[keys.LATENTS] = encoders.encode_video(video.to(device), generator=generator)
     if keys.FACE_LATENT not in features:

@@ -1,0 +1,207 @@
+"""The feature store: encoded training samples in litdata's streaming format.
+
+Encoding (VAE, T5, SigLIP, ArcFace) is the expensive part of a step and the same every
+epoch, so `echovideo preprocess` does it once and training streams the results. Layout:
+
+    <store>/
+      store.json                 what the store holds: buckets, sizes, encoder versions
+      unconditional.safetensors  T5 of the negative prompt and SigLIP of a black face, so
+                                 condition dropout needs neither T5 nor SigLIP in training
+      report.json                the last preprocess report
+      <F>x<H>x<W>/               one litdata optimized dataset per bucket (index.json and
+                                 chunk files), readable from local disk or object storage
+      .preprocess/               resume bookkeeping of `echovideo preprocess`
+
+Per sample (one record of a bucket):
+
+| field           | dtype    | shape            | what                                        |
+|-----------------|----------|------------------|---------------------------------------------|
+| `latent_mean`   | bfloat16 | f x C x h x w    | VAE posterior mean, scaled, frames first     |
+| `latent_std`    | bfloat16 | f x C x h x w    | VAE posterior std, scaled                    |
+| `face_latent`   | bfloat16 | 1 x C x h x w    | the face image as one latent frame (mode)    |
+| `siglip_tokens` | bfloat16 | N x D            | SigLIP last hidden state of the aligned face |
+| `arcface`       | float32  | 512              | raw ArcFace embedding                        |
+| `text_embeds`   | bfloat16 | 226 x 4096       | T5 last hidden state, all 226 rows           |
+| `face_crop_png` | bytes    |                  | the aligned, parsed face crop as PNG         |
+| `sample_id`, `caption`, `sources` (JSON: path, size, mtime of each source file) |
+
+bfloat16 tensors are stored as their 16-bit patterns (int16): litdata serialises tensors
+through numpy, which has no bfloat16; `record_to_sample` views them back, bit-exact.
+
+Why the posterior and not one drawn latent: CogVideoX's fine-tuning draws a fresh latent
+from the posterior every step (a free augmentation); storing mean and std keeps that
+(`lightning_modules.frozen_encoders.draw_latents`), so the store and on-the-fly encoding
+train identically, for twice the latent bytes (2 x 1.3 MB at 49x480x848).
+Why T5 is kept whole: CogVideoX feeds T5 the padded ids without an attention mask, so
+the padding rows are not constant and the transformer was trained on them; dropping them
+would change the conditioning. bfloat16 is what the encoder computes in and what the
+transformer consumes under bf16-mixed, so nothing is lost by it (1.85 MB per sample).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from datamodules import batch as keys
+from datamodules.skip_reasons import SOURCE_CHANGED, Skipped
+
+STORE_FORMAT = 1
+STORE_META = "store.json"
+UNCONDITIONAL_FILE = "unconditional.safetensors"
+REPORT_FILE = "report.json"
+WORK_DIR = ".preprocess"
+
+STORED_TENSORS = (keys.LATENT_MEAN, keys.LATENT_STD, keys.FACE_LATENT, keys.SIGLIP_TOKENS, keys.ARCFACE,
+                  keys.TEXT_EMBEDS)
+FACE_CROP_PNG = "face_crop_png"
+SOURCES = "sources"
+
+
+class FeatureStoreError(ValueError):
+    """A store folder that is missing, unfinished or built with other settings."""
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One resolution/length of the store: every sample of a bucket has the same shapes."""
+
+    num_frames: int
+    height: int
+    width: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.num_frames}x{self.height}x{self.width}"
+
+    @classmethod
+    def parse(cls, value: Sequence[int] | str) -> "Bucket":
+        if isinstance(value, str):
+            value = [int(part) for part in value.split("x")]
+        num_frames, height, width = (int(v) for v in value)
+        return cls(num_frames, height, width)
+
+
+BFLOAT16_FIELDS = (keys.LATENT_MEAN, keys.LATENT_STD, keys.FACE_LATENT, keys.SIGLIP_TOKENS, keys.TEXT_EMBEDS)
+
+
+def as_stored_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 tensor as the int16 of its bits, the form litdata can serialise."""
+    return tensor.view(torch.int16)
+
+
+def source_fingerprint(path: Path) -> list:
+    """What tells a changed source file: its path, size and modification time."""
+    stat = os.stat(path)
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB")).copy()
+
+
+def read_store_meta(store: str | Path) -> dict:
+    """`store.json` of a finished store; a clear error when the folder is not one."""
+    meta_path = Path(store) / STORE_META
+    if not meta_path.is_file():
+        raise FeatureStoreError(
+            f"{meta_path}: not found; `data.feature_store` must be a folder written by "
+            "`echovideo preprocess --config <experiment>.yaml` (run it first, or fix the path)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != STORE_FORMAT:
+        raise FeatureStoreError(f"{meta_path}: store format {meta.get('format')!r}, this kit reads "
+                                f"{STORE_FORMAT}; rebuild the store with `echovideo preprocess`")
+    return meta
+
+
+def record_to_sample(record: dict, verify_sources: bool) -> dict | Skipped:
+    """A store record as a sample of the batch contract (datamodules/batch.py).
+
+    With `verify_sources`, a record whose source video or photo changed (or vanished)
+    since preprocessing is skipped as `source_changed`: its features would no longer
+    describe the file a user sees.
+    """
+    sample_id = record[keys.SAMPLE_ID]
+    if verify_sources:
+        for path, size, mtime_ns in json.loads(record[SOURCES]):
+            try:
+                if source_fingerprint(Path(path))[1:] != [size, mtime_ns]:
+                    return Skipped(SOURCE_CHANGED, sample_id)
+            except OSError:
+                return Skipped(SOURCE_CHANGED, sample_id)
+    sample = {key: record[key] for key in STORED_TENSORS}
+    for key in BFLOAT16_FIELDS:
+        sample[key] = sample[key].view(torch.bfloat16)
+    sample[keys.SAMPLE_ID] = sample_id
+    sample[keys.CAPTION] = record[keys.CAPTION]
+    return sample
+
+
+def _streaming_dataset_class():
+    # litdata is imported lazily: importing it sets up multiprocessing state that plain
+    # manifest training does not need.
+    from litdata import StreamingDataset
+
+    class FeatureStoreDataset(StreamingDataset):
+        """One bucket of a store, streamed; yields samples of the batch contract or `Skipped`."""
+
+        def __init__(self, bucket_dir: str, verify_sources: bool = True, **kwargs):
+            super().__init__(bucket_dir, **kwargs)
+            self.verify_sources = verify_sources
+
+        def __getitem__(self, index):
+            return record_to_sample(super().__getitem__(index), self.verify_sources)
+
+    return FeatureStoreDataset
+
+
+def open_store_dataset(store: str | Path, shuffle: bool, seed: int, verify_sources: bool = True,
+                       drop_last: bool | None = None):
+    """A streaming dataset over every bucket of `store`, one stream per bucket.
+
+    Several buckets are combined with litdata's per-stream batching, so one batch always
+    comes from one bucket (one shape) while the buckets interleave over the epoch. litdata
+    shards the samples over ranks, nodes and loader workers itself.
+    """
+    from litdata import CombinedStreamingDataset
+
+    store = Path(store)
+    meta = read_store_meta(store)
+    dataset_class = _streaming_dataset_class()
+    streams = []
+    for name in meta["buckets"]:
+        bucket_dir = store / name
+        if not (bucket_dir / "index.json").is_file():
+            continue  # a bucket no sample landed in
+        streams.append(dataset_class(str(bucket_dir), verify_sources=verify_sources, shuffle=shuffle,
+                                     seed=seed, drop_last=drop_last))
+    if not streams:
+        raise FeatureStoreError(f"{store}: the store holds no samples; see {store / REPORT_FILE} for why")
+    if len(streams) == 1:
+        return streams[0]
+    return CombinedStreamingDataset(streams, seed=seed, iterate_over_all=True, batching_method="per_stream")
+
+
+def load_unconditional(store: str | Path) -> dict[str, torch.Tensor]:
+    """The store's unconditional features (batch keys `text_embeds`, `siglip_tokens`), batch of 1."""
+    from safetensors.torch import load_file
+
+    path = Path(store) / UNCONDITIONAL_FILE
+    if not path.is_file():
+        raise FeatureStoreError(f"{path}: not found; the store is unfinished: re-run `echovideo preprocess`")
+    return {key: value.float() for key, value in load_file(path).items()}

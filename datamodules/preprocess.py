@@ -1,0 +1,510 @@
+"""`echovideo preprocess`: a manifest in, a feature store (datamodules/feature_store.py) out.
+
+The engine is litdata's `optimize`: it runs the encoding function in worker processes
+(one per GPU; litdata hands each worker its `cuda:<i>`), writes the chunked streaming
+format, and spreads the work over several machines when every node runs the same command
+with litdata's node settings (`DATA_OPTIMIZER_NUM_NODES`, `DATA_OPTIMIZER_NODE_RANK`) on
+shared storage. It was chosen over Lightning's predict loop because it already writes the
+format training streams, with chunking, object-storage upload and per-node merging.
+
+Resuming: each bucket's samples are cut, in manifest order, into parts of `part_size`,
+and every part is one `optimize` call that appends to the bucket's dataset. litdata
+publishes a bucket's `index.json` by atomic rename when a call finishes, so a sample is
+either in a finished part or in none; a part cut short by a kill leaves only unlisted
+chunk files, which the next run deletes before it redoes that part. A re-run therefore
+continues at the first unfinished part and ends with the same store as an uninterrupted
+run. (litdata's own `use_checkpoint` resume is not used: it counts written samples, not
+inputs, so skipped samples would shift where it resumes.) The cost of a kill is at most
+one part of work, and each part reloads the encoders in its workers, so `part_size` trades
+the two (the default, 2048 clips, is tens of minutes on one 8-GPU node at full size).
+
+Bad samples are skipped, never fatal: each worker appends one JSON line per sample to a
+log of its part, and a finished part's log becomes its summary; the report counts
+samples written per bucket, skipped per reason (`datamodules/skip_reasons.py`) and
+captions cut to the text encoder's limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from datamodules import batch as keys
+from datamodules.feature_store import (
+    FACE_CROP_PNG,
+    REPORT_FILE,
+    SOURCES,
+    STORE_FORMAT,
+    STORE_META,
+    UNCONDITIONAL_FILE,
+    WORK_DIR,
+    Bucket,
+    FeatureStoreError,
+    as_stored_bits,
+    encode_png,
+    source_fingerprint,
+)
+from datamodules.files import write_text_atomically
+from datamodules.manifest import ManifestEntry, check_manifest
+from datamodules.skip_reasons import EMPTY_CAPTION, SKIP_REASONS, UNREADABLE_VIDEO, VIDEO_TOO_SHORT, SkippedSample
+from datamodules.video_dataset import (
+    SampleReadError,
+    decode_clip,
+    load_face_image,
+    resize_and_center_crop,
+)
+
+STORE_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Everything that decides the stored values; a re-run must use the same."""
+
+    buckets: tuple[Bucket, ...]
+    frame_stride: int
+    face_size: int
+    reference_frame: str
+    seed: int
+    negative_prompt: str = ""
+
+
+@dataclass
+class EncoderSpec:
+    """Where the encoders come from; built lazily inside each worker process."""
+
+    pretrained_path: str
+    encoder_dtype: str
+    identity_encoder: torch.nn.Module | None
+    face_models: str | None
+
+
+@dataclass
+class PreprocessReport:
+    manifest: str
+    store: str
+    samples_in_manifest: int = 0
+    written: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_samples: list[dict] = field(default_factory=list)
+    captions_truncated: int = 0
+    face_parsing: bool | None = None
+    face_pipeline: str = ""
+    encoders: dict = field(default_factory=dict)
+    parts_done: int = 0
+    parts_total: int = 0
+    complete: bool = False
+
+    def summary(self) -> str:
+        lines = [f"feature store {self.store} ({'complete' if self.complete else 'INCOMPLETE'}, "
+                 f"{self.parts_done}/{self.parts_total} parts)",
+                 f"  manifest:            {self.manifest} ({self.samples_in_manifest} samples)"]
+        for bucket, count in sorted(self.written.items()):
+            lines.append(f"  written {bucket:>12}: {count}")
+        lines.append(f"  skipped:             {sum(self.skipped.values())}")
+        for reason, count in sorted(self.skipped.items()):
+            lines.append(f"    {reason:<22} {count}")
+        lines.append(f"  captions truncated:  {self.captions_truncated} (cut to the text encoder's limit)")
+        lines.append(f"  face pipeline:       {self.face_pipeline}")
+        parsing = {True: "on", False: "OFF (no parsing weights found)", None: "not used"}[self.face_parsing]
+        lines.append(f"  face parsing:        {parsing}")
+        return "\n".join(lines)
+
+
+def stable_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+class EncodeSample:
+    """The function litdata's `optimize` runs on every input of one part.
+
+    Inputs are positions in `entries`, so litdata sees no file paths (it would otherwise
+    try to resolve a common input folder). Encoders load on the first call in each worker
+    process, on the device litdata assigns (`cuda:<i>` per worker), else the CPU.
+    Returns the store record, or None to skip the sample (litdata writes nothing for it).
+    """
+
+    def __init__(self, entries: list[ManifestEntry], bucket: Bucket, settings: StoreSettings,
+                 encoders: EncoderSpec, store: Path, log_dir: Path):
+        self.entries, self.bucket, self.settings, self.encoder_spec = entries, bucket, settings, encoders
+        self.store = store
+        self.log_dir = log_dir
+        self._encoders = None
+        self._extractor = None
+        self._log = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_encoders=None, _extractor=None, _log=None)
+        return state
+
+    def __call__(self, index: int, device: str | None = None) -> dict | None:
+        entry = self.entries[index]
+        self._load(device)
+        try:
+            record, truncated = self._encode(entry)
+        except SkippedSample as skipped:
+            self._write_log({"sample_id": entry.sample_id, "line": entry.line, "status": "skipped",
+                             "reason": skipped.reason, "detail": skipped.detail})
+            return None
+        self._write_log({"sample_id": entry.sample_id, "status": "written", "caption_truncated": truncated})
+        return record
+
+    # ------------------------------------------------------------------ workers
+    def _load(self, device: str | None) -> None:
+        if self._encoders is not None:
+            return
+        from lightning_modules.echovideo_module import DTYPES
+        from lightning_modules.frozen_encoders import FrozenEncoders
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        spec = self.encoder_spec
+        self._encoders = FrozenEncoders.from_release_folder(
+            spec.pretrained_path, identity_encoder=spec.identity_encoder,
+            max_text_seq_length=_max_text_seq_length(spec.pretrained_path),
+            dtype=DTYPES[spec.encoder_dtype]).place(device)
+        if spec.face_models is not None:
+            from datamodules.face_pipeline import FaceExtractor
+
+            self._extractor = FaceExtractor(spec.face_models, device=device, face_size=self.settings.face_size)
+        self._write_unconditional()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_dir / f"worker-{os.getpid()}.jsonl", "a", encoding="utf-8")
+
+    def _write_unconditional(self) -> None:
+        """T5 of the negative prompt and SigLIP of a black face, for condition dropout in training.
+
+        Computed in a worker, where the encoders already are, so the main process never
+        loads a model (and never initialises CUDA, which lets workers be forked).
+        """
+        path = self.store / UNCONDITIONAL_FILE
+        if path.is_file():
+            return
+        tensors = {
+            keys.TEXT_EMBEDS: self._encoders.encode_text([self.settings.negative_prompt]).cpu().contiguous(),
+            keys.SIGLIP_TOKENS: self._encoders.unconditional_siglip_tokens(1).cpu().contiguous(),
+        }
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, temporary)
+        os.replace(temporary, path)
+
+    def _write_log(self, line: dict) -> None:
+        self._log.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self._log.flush()
+
+    def _encode(self, entry: ManifestEntry) -> tuple[dict, bool]:
+        settings, bucket, encoders = self.settings, self.bucket, self._encoders
+        if not entry.caption.strip():
+            raise SkippedSample(EMPTY_CAPTION, f"{entry.sample_id}: empty caption")
+        generator = torch.Generator().manual_seed(stable_seed(settings.seed, entry.sample_id, "window"))
+        reference_frame = None if entry.face_image is not None else settings.reference_frame
+        frames, reference = decode_clip(entry.video, bucket.num_frames, settings.frame_stride,
+                                        generator=generator, reference_frame=reference_frame)
+        video = frames.permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
+        video = resize_and_center_crop(video, bucket.height, bucket.width).permute(1, 0, 2, 3).unsqueeze(0)
+
+        crop, arcface = self._face(entry, reference)
+        face = torch.from_numpy(crop).permute(2, 0, 1).float().div(255).unsqueeze(0)
+        mean, std = encoders.encode_video_posterior(video)
+        if arcface is None:
+            arcface = encoders.encode_identity(face)[0]
+        truncated = encoders.truncated_caption_count([entry.caption]) > 0
+        sources = [entry.video] + ([entry.face_image] if entry.face_image is not None else [])
+        record = {
+            keys.SAMPLE_ID: entry.sample_id,
+            keys.CAPTION: entry.caption,
+            SOURCES: json.dumps([source_fingerprint(path) for path in sources], ensure_ascii=False),
+            keys.LATENT_MEAN: _stored(mean[0]),
+            keys.LATENT_STD: _stored(std[0]),
+            keys.FACE_LATENT: _stored(encoders.encode_face_latent(face, bucket.height, bucket.width)[0]),
+            keys.SIGLIP_TOKENS: _stored(encoders.encode_siglip(face)[0]),
+            keys.ARCFACE: torch.as_tensor(arcface, dtype=torch.float32).cpu().contiguous(),
+            keys.TEXT_EMBEDS: _stored(encoders.encode_text([entry.caption])[0]),
+            FACE_CROP_PNG: encode_png(crop),
+        }
+        return record, truncated
+
+    def _face(self, entry: ManifestEntry, reference: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The aligned face crop (face_size, uint8 RGB) and, with the face pipeline, its ArcFace."""
+        size = self.settings.face_size
+        if self._extractor is not None:
+            from datamodules.face_pipeline import read_photo
+
+            photo = read_photo(entry.face_image) if entry.face_image is not None else reference
+            face = self._extractor.extract(photo)
+            return face.aligned, face.arcface
+        # Without face models the image is taken as an already aligned crop (tests, demo).
+        if entry.face_image is not None:
+            crop = load_face_image(entry.face_image, size)
+        else:
+            square = torch.from_numpy(reference).permute(2, 0, 1).float().div(255).unsqueeze(0)
+            crop = resize_and_center_crop(square, size, size)[0]
+        return (crop.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy(), None
+
+
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
+    return as_stored_bits(tensor.detach().to("cpu", STORE_DTYPE).contiguous())
+
+
+def _max_text_seq_length(pretrained_path: str) -> int:
+    config = json.loads((Path(pretrained_path) / "transformer" / "config.json").read_text())
+    return int(config.get("max_text_seq_length", 226))
+
+
+# ---------------------------------------------------------------------- planning
+def assign_buckets(entries: list[ManifestEntry], buckets: tuple[Bucket, ...], frame_stride: int,
+                   ) -> tuple[dict[str, list[ManifestEntry]], list[dict]]:
+    """Each clip goes to the bucket of closest aspect ratio among those its length fits.
+
+    With one bucket nothing is probed (the encoder finds short or broken clips itself).
+    """
+    if len(buckets) == 1:
+        return {buckets[0].name: list(entries)}, []
+    from tqdm.auto import tqdm
+
+    assigned: dict[str, list[ManifestEntry]] = {bucket.name: [] for bucket in buckets}
+    skipped = []
+    for entry in tqdm(entries, desc="probing clips for buckets", unit="clip"):
+        try:
+            num_frames, height, width = probe_video(entry.video)
+        except SampleReadError as err:
+            skipped.append({"sample_id": entry.sample_id, "line": entry.line, "reason": err.reason,
+                            "detail": err.detail})
+            continue
+        fitting = [b for b in buckets if (b.num_frames - 1) * frame_stride + 1 <= num_frames]
+        if not fitting:
+            skipped.append({"sample_id": entry.sample_id, "line": entry.line, "reason": VIDEO_TOO_SHORT,
+                            "detail": f"{entry.video} has {num_frames} frames, shorter than every bucket"})
+            continue
+        aspect = np.log(width / height)
+        best = min(fitting, key=lambda b: (abs(np.log(b.width / b.height) - aspect), -b.num_frames))
+        assigned[best.name].append(entry)
+    return assigned, skipped
+
+
+def probe_video(path: Path) -> tuple[int, int, int]:
+    """(frames, height, width) from the container, without decoding."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise SampleReadError(f"{path} has no video stream", UNREADABLE_VIDEO)
+            stream = container.streams.video[0]
+            frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size > 0)
+            return frames, stream.codec_context.height, stream.codec_context.width
+    except (av.FFmpegError, OSError) as err:
+        raise SampleReadError(f"cannot open {path}: {err}", UNREADABLE_VIDEO) from err
+
+
+def _plan_digest(settings: StoreSettings, parts: dict[str, list[list[ManifestEntry]]]) -> str:
+    content = {
+        "settings": asdict(settings),
+        "parts": {name: [[(e.sample_id, str(e.video), str(e.face_image), e.caption) for e in part]
+                         for part in bucket_parts] for name, bucket_parts in parts.items()},
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------- running
+def preprocess(
+    manifest: str | Path,
+    store: str | Path,
+    settings: StoreSettings,
+    encoders: EncoderSpec,
+    num_workers: int = 1,
+    part_size: int = 2048,
+    chunk_bytes: str = "256MB",
+    overwrite: bool = False,
+) -> PreprocessReport:
+    """Encode every usable sample of `manifest` into `store`; return (and write) the report.
+
+    Re-running with the same manifest and settings continues where an interrupted run
+    stopped; different ones are refused unless `overwrite`, which starts the store anew.
+    """
+    from litdata import optimize
+
+    store, manifest = Path(store).absolute(), Path(manifest)
+    entries, problems = check_manifest(manifest, require_video=True)
+    report = PreprocessReport(manifest=str(manifest), store=str(store),
+                              samples_in_manifest=len(entries) + len(problems))
+    for problem in problems:
+        report.skipped_samples.append({"line": problem.line, "reason": problem.reason, "detail": str(problem)})
+
+    by_bucket, probe_skips = assign_buckets(entries, settings.buckets, settings.frame_stride)
+    report.skipped_samples += probe_skips
+    parts = {name: [chunk for chunk in (bucket_entries[i:i + part_size]
+                                        for i in range(0, len(bucket_entries), part_size))]
+             for name, bucket_entries in by_bucket.items()}
+    digest = _plan_digest(settings, parts)
+    work = store / WORK_DIR
+    _prepare_store(store, work, digest, overwrite)
+    meta = _write_store_meta(store, settings, encoders)
+    report.encoders = meta["encoders"]
+    report.face_pipeline = "insightface antelopev2 + facexlib" if encoders.face_models else \
+        "none: face images are used as aligned crops, identity from the model's identity encoder"
+    report.face_parsing = meta["encoders"].get("face", {}).get("parsing") if encoders.face_models else None
+
+    report.parts_total = sum(len(p) for p in parts.values())
+    started, done_clips, todo_clips = time.monotonic(), 0, sum(len(e) for e in by_bucket.values())
+    for name, bucket_parts in parts.items():
+        bucket = next(b for b in settings.buckets if b.name == name)
+        bucket_dir = store / name
+        for part_index, part in enumerate(bucket_parts):
+            summary_path = work / "parts" / name / f"part-{part_index:05d}.json"
+            if not summary_path.is_file():
+                _run_part(optimize, part, bucket, bucket_dir, summary_path, settings, encoders,
+                          num_workers, chunk_bytes)
+            done_clips += len(part)
+            report.parts_done += 1
+            _print_overall_progress(report, done_clips, todo_clips, started)
+    _fill_report_from_parts(report, work, parts)
+    report.complete = report.parts_done == report.parts_total
+    if report.complete and sum(report.written.values()) and not (store / UNCONDITIONAL_FILE).is_file():
+        raise FeatureStoreError(f"{store / UNCONDITIONAL_FILE}: not written by the workers")
+    write_text_atomically(store / REPORT_FILE, json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def _prepare_store(store: Path, work: Path, digest: str, overwrite: bool) -> None:
+    plan_file = work / "plan.json"
+    if overwrite and store.exists():
+        shutil.rmtree(store)
+    if plan_file.is_file():
+        previous = json.loads(plan_file.read_text())["digest"]
+        if previous != digest:
+            raise FeatureStoreError(
+                f"{store}: this store was started from a different manifest or different settings "
+                f"({plan_file} records another plan); resume it with the same manifest and experiment, "
+                "or write to a new `data.feature_store`, or pass --overwrite to start it anew")
+    elif store.exists() and any(p.name != WORK_DIR for p in store.iterdir()):
+        raise FeatureStoreError(
+            f"{store}: exists and is not a store this command started; choose an empty folder for "
+            "`data.feature_store` or pass --overwrite")
+    work.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(plan_file, json.dumps({"digest": digest}) + "\n")
+
+
+def _run_part(optimize, part, bucket, bucket_dir: Path, summary_path: Path, settings, encoders,
+              num_workers: int, chunk_bytes: str) -> None:
+    log_dir = summary_path.with_suffix("")
+    shutil.rmtree(log_dir, ignore_errors=True)  # a part cut short is redone from its start
+    _remove_unlisted_chunks(bucket_dir)
+    function = EncodeSample(part, bucket, settings, encoders, bucket_dir.parent, log_dir)
+    append = (bucket_dir / "index.json").is_file()
+    optimize(
+        fn=function,
+        inputs=list(range(len(part))),
+        output_dir=str(bucket_dir),
+        chunk_bytes=chunk_bytes,
+        num_workers=min(num_workers, len(part)),
+        mode="append" if append else None,
+        reorder_files=False,
+        keep_data_ordered=True,
+        # Forking skips re-importing torch in every worker; safe because the main process
+        # never initialises CUDA (workers do, each on its own device).
+        start_method="fork" if not torch.cuda.is_initialized() else "spawn",
+        verbose=True,
+    )
+    summary = _summarise_logs(log_dir)
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(summary_path, json.dumps(summary, ensure_ascii=False) + "\n")
+    shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _remove_unlisted_chunks(bucket_dir: Path) -> None:
+    """Delete chunk files no index lists: what a killed `optimize` call left behind."""
+    if not bucket_dir.is_dir():
+        return
+    index = bucket_dir / "index.json"
+    listed = set()
+    if index.is_file():
+        listed = {chunk["filename"] for chunk in json.loads(index.read_text())["chunks"]}
+    for path in bucket_dir.iterdir():
+        if path.is_file() and path.name != "index.json" and path.name not in listed:
+            path.unlink()
+    shutil.rmtree(bucket_dir / ".checkpoints", ignore_errors=True)
+
+
+def _summarise_logs(log_dir: Path) -> dict:
+    latest: dict[str, dict] = {}
+    for log in sorted(log_dir.glob("worker-*.jsonl")):
+        for line in log.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                latest[record["sample_id"]] = record
+    written = [r for r in latest.values() if r["status"] == "written"]
+    return {
+        "written": len(written),
+        "captions_truncated": sum(bool(r.get("caption_truncated")) for r in written),
+        "skipped": [r for r in latest.values() if r["status"] == "skipped"],
+    }
+
+
+def _fill_report_from_parts(report: PreprocessReport, work: Path, parts: dict) -> None:
+    for name, bucket_parts in parts.items():
+        report.written.setdefault(name, 0)
+        for part_index in range(len(bucket_parts)):
+            path = work / "parts" / name / f"part-{part_index:05d}.json"
+            if not path.is_file():
+                continue
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            report.written[name] += summary["written"]
+            report.captions_truncated += summary["captions_truncated"]
+            report.skipped_samples += summary["skipped"]
+    counts = Counter(s["reason"] for s in report.skipped_samples)
+    report.skipped = {reason: counts[reason] for reason in SKIP_REASONS if counts[reason]}
+
+
+def _print_overall_progress(report: PreprocessReport, done: int, total: int, started: float) -> None:
+    elapsed = time.monotonic() - started
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    print(f"preprocess: part {report.parts_done}/{report.parts_total}, {done}/{total} clips, "
+          f"{rate:.2f} clips/s, ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+
+
+def _write_store_meta(store: Path, settings: StoreSettings, encoders: EncoderSpec) -> dict:
+    meta = {
+        "format": STORE_FORMAT,
+        "buckets": [bucket.name for bucket in settings.buckets],
+        "settings": {**asdict(settings), "buckets": [bucket.name for bucket in settings.buckets]},
+        "dtype": str(STORE_DTYPE).removeprefix("torch."),
+        "encoders": encoder_versions(encoders),
+    }
+    write_text_atomically(store / STORE_META, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return meta
+
+
+def encoder_versions(encoders: EncoderSpec) -> dict:
+    """Which encoders made the store: a short digest of each part's config and weights' sizes."""
+    root = Path(encoders.pretrained_path)
+    versions = {"pretrained_path": str(root.absolute()), "encoder_dtype": encoders.encoder_dtype}
+    for part in ("vae", "text_encoder", "clip_visual_encoder", "tokenizer"):
+        folder = root / part
+        digest = hashlib.sha256()
+        for path in sorted(folder.glob("*")):
+            if path.suffix == ".json":
+                digest.update(path.read_bytes())
+            elif path.is_file():
+                digest.update(f"{path.name}:{path.stat().st_size}".encode())
+        versions[part] = digest.hexdigest()[:12]
+    if encoders.face_models is not None:
+        from datamodules.face_pipeline import FaceExtractor
+
+        versions["face"] = FaceExtractor(encoders.face_models).versions()
+    else:
+        identity = encoders.identity_encoder
+        versions["identity_encoder"] = type(identity).__name__ if identity is not None else None
+    return versions
