@@ -61,7 +61,7 @@ from datamodules.skip_reasons import EMPTY_CAPTION, SKIP_REASONS, UNREADABLE_VID
 from datamodules.video_dataset import (
     SampleReadError,
     decode_clip,
-    load_face_image,
+    reference_face,
     resize_and_center_crop,
 )
 
@@ -77,6 +77,8 @@ class StoreSettings:
     face_size: int
     reference_frame: str
     seed: int
+    # Condition dropout in training replaces the caption with "" (the release's default
+    # negative prompt), so the store carries T5 of "".
     negative_prompt: str = ""
 
 
@@ -214,7 +216,7 @@ class EncodeSample:
         video = frames.permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
         video = resize_and_center_crop(video, bucket.height, bucket.width).permute(1, 0, 2, 3).unsqueeze(0)
 
-        crop, arcface = self._face(entry, reference)
+        crop, arcface = reference_face(entry.face_image, reference, settings.face_size, self._extractor)
         face = torch.from_numpy(crop).permute(2, 0, 1).float().div(255).unsqueeze(0)
         mean, std = encoders.encode_video_posterior(video)
         if arcface is None:
@@ -234,23 +236,6 @@ class EncodeSample:
             FACE_CROP_PNG: encode_png(crop),
         }
         return record, truncated
-
-    def _face(self, entry: ManifestEntry, reference: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """The aligned face crop (face_size, uint8 RGB) and, with the face pipeline, its ArcFace."""
-        size = self.settings.face_size
-        if self._extractor is not None:
-            from datamodules.face_pipeline import read_photo
-
-            photo = read_photo(entry.face_image) if entry.face_image is not None else reference
-            face = self._extractor.extract(photo)
-            return face.aligned, face.arcface
-        # Without face models the image is taken as an already aligned crop (tests, demo).
-        if entry.face_image is not None:
-            crop = load_face_image(entry.face_image, size)
-        else:
-            square = torch.from_numpy(reference).permute(2, 0, 1).float().div(255).unsqueeze(0)
-            crop = resize_and_center_crop(square, size, size)[0]
-        return (crop.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy(), None
 
 
 def _stored(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,25 @@
-"""LightningDataModule over JSONL manifests of (video, caption, face image) samples."""
+"""LightningDataModule: training streamed from a feature store, or read from a manifest.
+
+Two sources, one batch contract (datamodules/batch.py):
+- `feature_store` (large sets): samples encoded once by `echovideo preprocess`, streamed
+  by litdata's StreamingDataLoader; shuffled, sharded over ranks and nodes, and resumable
+  mid-epoch: the loader's position is saved in every checkpoint and a resumed run
+  continues at the exact next sample. The frozen T5 and VAE encoder are never loaded.
+- `train_manifest` (small sets): clips decoded and encoded on the fly every step.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning.pytorch as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.feature_cache import CachedFeatureDataset
+from datamodules.feature_store import Bucket, load_unconditional, open_store_dataset, read_store_meta
 from datamodules.manifest import ManifestEntry, ManifestError, check_manifest, format_problem
-from datamodules.video_dataset import VideoFaceDataset, collate_skipping_unreadable
+from datamodules.video_dataset import REFERENCE_FRAMES, VideoFaceDataset, collate_skipping_unreadable
 
 
 class VideoFaceDataModule(L.LightningDataModule):
@@ -29,9 +38,21 @@ class VideoFaceDataModule(L.LightningDataModule):
         batch_size: Samples per batch, per device.
         num_workers: DataLoader worker processes per device; 0 loads in the main process.
         seed: Seeds the shuffle order and the random start frames of training clips.
-        feature_cache_dir: Train on features cached by `datamodules.feature_cache`
-            instead of decoding and encoding videos (the manifest is then not read for fit).
-        repeat: One epoch walks the training set this many times; keeps per-epoch
+        feature_store: Folder of the feature store. `echovideo preprocess` writes it from
+            `train_manifest`; `fit` then streams it (and does not read the manifest).
+        buckets: (frames, height, width) of each bucket of the store; a clip goes to the
+            bucket of closest aspect ratio that its length fits. Default: one bucket of
+            `num_frames` x `height` x `width`.
+        face_models: The release's `face_encoder/` folder (insightface antelopev2, facexlib
+            RetinaFace and BiSeNet). With it, preprocessing detects, aligns and parses the face
+            and takes ArcFace from it; without it, face images are used as aligned crops.
+        reference_frame: Where the reference face comes from when a line has no
+            `face_image`: `inside_window` (middle of the training clip) or `outside_window`
+            (a frame outside it, which peers report reduces copy-paste).
+        skip_invalid_lines: Train on the valid lines of a manifest with bad ones, instead of
+            refusing to start (the bad lines are listed either way).
+        verify_sources: Skip store samples whose source file changed since preprocessing.
+        repeat: One epoch walks a manifest's training set this many times; keeps per-epoch
             overhead low on tiny datasets.
     """
 
@@ -48,7 +69,12 @@ class VideoFaceDataModule(L.LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 4,
         seed: int = 0,
-        feature_cache_dir: str | None = None,
+        feature_store: str | None = None,
+        buckets: list[list[int]] | None = None,
+        face_models: str | None = None,
+        reference_frame: str = "outside_window",
+        skip_invalid_lines: bool = False,
+        verify_sources: bool = True,
         repeat: int = 1,
     ):
         super().__init__()
@@ -64,7 +90,14 @@ class VideoFaceDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.feature_cache_dir = feature_cache_dir
+        self.feature_store = feature_store
+        self.buckets = tuple(Bucket.parse(b) for b in (buckets or [[num_frames, height, width]]))
+        self.face_models = face_models
+        if reference_frame not in REFERENCE_FRAMES:
+            raise ValueError(f"data.reference_frame must be one of {REFERENCE_FRAMES}, got {reference_frame!r}")
+        self.reference_frame = reference_frame
+        self.skip_invalid_lines = skip_invalid_lines
+        self.verify_sources = verify_sources
         if repeat < 1:
             raise ValueError(f"data.repeat must be >= 1, got {repeat}")
         self.repeat = repeat
@@ -75,16 +108,18 @@ class VideoFaceDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         """Read and validate this stage's manifests; every problem is raised at once."""
         if stage == "fit":
-            if self.feature_cache_dir is None and self.train_manifest is None:
-                raise ValueError("fit needs data.train_manifest or data.feature_cache_dir")
-            from_manifest = self.train_manifest if self.feature_cache_dir is None else None
+            if self.feature_store is None and self.train_manifest is None:
+                raise ValueError("fit needs data.feature_store (written by `echovideo preprocess`) "
+                                 "or data.train_manifest")
+            from_manifest = self.train_manifest if self.feature_store is None else None
             train, val = self._read_manifests(
                 [(from_manifest, True), (self.val_manifest, True)])
-            if self.feature_cache_dir is not None:
-                train_dataset = CachedFeatureDataset(self.feature_cache_dir)
+            if self.feature_store is not None:
+                read_store_meta(self.feature_store)  # a clear error before any worker starts
+                self.train_dataset = None
             else:
-                train_dataset = self._dataset(train, random_start=True)
-            self.train_dataset = _Repeated(train_dataset, self.repeat) if self.repeat > 1 else train_dataset
+                dataset = self._dataset(train, random_start=True)
+                self.train_dataset = _Repeated(dataset, self.repeat) if self.repeat > 1 else dataset
             self.val_dataset = self._dataset(val, random_start=False) if val is not None else None
         elif stage == "validate":
             if self.val_manifest is None:
@@ -98,6 +133,8 @@ class VideoFaceDataModule(L.LightningDataModule):
             self.predict_dataset = self._dataset(predict, random_start=False)
 
     def train_dataloader(self) -> DataLoader:
+        if self.feature_store is not None:
+            return self._store_loader()
         dataset = self._require(self.train_dataset, "fit")
         trainer = self.trainer
         sampler = _EpochSyncedSampler(
@@ -107,6 +144,26 @@ class VideoFaceDataModule(L.LightningDataModule):
             seed=self.seed,
         )
         return self._loader(dataset, sampler=sampler)
+
+    def _store_loader(self):
+        """litdata's loader over the store: its `state_dict` is the exact position in the
+        epoch (per worker), which Lightning stores in every checkpoint and hands back on
+        resume, so the run continues at the next unseen sample."""
+        from litdata import StreamingDataLoader
+
+        dataset = open_store_dataset(self.feature_store, shuffle=True, seed=self.seed,
+                                     verify_sources=self.verify_sources)
+        return StreamingDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_skipping_unreadable,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def unconditional_features(self) -> dict[str, torch.Tensor] | None:
+        """T5 of the negative prompt and SigLIP of a black face, when the store carries them."""
+        return load_unconditional(self.feature_store) if self.feature_store is not None else None
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_manifest is None:
@@ -130,8 +187,11 @@ class VideoFaceDataModule(L.LightningDataModule):
                 manifest_problems += self._mixed_video_problems(path, entries)
             results.append(entries)
             problems += manifest_problems
-        if problems:
+        if problems and not (self.skip_invalid_lines and all(results)):
             raise ManifestError(problems)
+        if problems:
+            rank_zero_warn(f"training on the valid lines only (data.skip_invalid_lines: true); "
+                           f"{ManifestError(problems)}")
         return results
 
     def _mixed_video_problems(self, path: str, entries: list[ManifestEntry]) -> list[str]:
@@ -149,7 +209,7 @@ class VideoFaceDataModule(L.LightningDataModule):
         return VideoFaceDataset(
             entries, num_frames=self.num_frames, frame_stride=self.frame_stride,
             height=self.height, width=self.width, face_size=self.face_size, seed=self.seed,
-            random_start=random_start)
+            random_start=random_start, reference_frame=self.reference_frame, face_models=self.face_models)
 
     def _loader(self, dataset: VideoFaceDataset, sampler=None) -> DataLoader:
         return DataLoader(

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datamodules.batch import CAPTION, FACE_IMAGE, SAMPLE_ID, SKIPPED, VIDEO
+from datamodules.batch import ARCFACE, CAPTION, FACE_IMAGE, SAMPLE_ID, SKIPPED, VIDEO
 from datamodules.manifest import ManifestEntry
 from datamodules.skip_reasons import (
     SKIP_REASONS,
@@ -192,6 +192,30 @@ def load_face_image(path: str | Path, face_size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div_(255)
 
 
+def reference_face(
+    face_image: Path | None, frame: np.ndarray | None, face_size: int, extractor=None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The reference face of a sample: an aligned crop (face_size, uint8 RGB) and its ArcFace.
+
+    From the photo `face_image` when the manifest names one, else from `frame` (a frame of
+    the clip). With a `datamodules.face_pipeline.FaceExtractor` the face is detected,
+    aligned and parsed as the release does, and ArcFace comes with it; without one the
+    photo is taken as an already aligned crop (a frame: its centre square) and the
+    ArcFace is None, for the model's identity encoder to compute.
+    """
+    if extractor is not None:
+        from datamodules.face_pipeline import read_photo
+
+        face = extractor.extract(read_photo(face_image) if face_image is not None else frame)
+        return face.aligned, face.arcface
+    if face_image is not None:
+        crop = load_face_image(face_image, face_size)
+    else:
+        square = torch.from_numpy(frame).permute(2, 0, 1).float().div(255).unsqueeze(0)
+        crop = resize_and_center_crop(square, face_size, face_size)[0]
+    return (crop.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy(), None
+
+
 class VideoFaceDataset(torch.utils.data.Dataset):
     """Samples of the batch contract: video clip, face crop, caption and sample id.
 
@@ -211,6 +235,8 @@ class VideoFaceDataset(torch.utils.data.Dataset):
         face_size: int,
         seed: int = 0,
         random_start: bool = True,
+        reference_frame: str = "outside_window",
+        face_models: str | None = None,
     ):
         if min(num_frames, frame_stride, height, width, face_size) < 1:
             raise ValueError("num_frames, frame_stride, height, width and face_size must be >= 1")
@@ -224,6 +250,9 @@ class VideoFaceDataset(torch.utils.data.Dataset):
         self.face_size = face_size
         self.seed = seed
         self.random_start = random_start
+        self.reference_frame = reference_frame
+        self.face_models = face_models
+        self._extractor = None  # built in each worker process on first use
         # Shared memory so set_epoch in the main process reaches DataLoader workers, which
         # hold their own copy of the dataset (and keep it across epochs when persistent).
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -240,36 +269,55 @@ class VideoFaceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def __getstate__(self):
+        return {**self.__dict__, "_extractor": None}
+
     def __getitem__(self, index: int) -> dict | Skipped:
         entry = self.entries[index]
         sample = {CAPTION: entry.caption, SAMPLE_ID: entry.sample_id}
+        frame = None
         if entry.video is not None:
             try:
-                sample[VIDEO] = self._load_video(entry.video, index)
+                sample[VIDEO], frame = self._load_video(entry, index)
             except SampleReadError as err:
                 self._warn_once(entry, entry.video, err)
                 return Skipped(err.reason, entry.sample_id)
         try:
-            sample[FACE_IMAGE] = load_face_image(entry.face_image, self.face_size)
-        except SampleReadError as err:
-            self._warn_once(entry, entry.face_image, err)
+            crop, arcface = reference_face(entry.face_image, frame, self.face_size, self._face_extractor())
+        except SkippedSample as err:
+            self._warn_once(entry, entry.face_image or entry.video, err)
             return Skipped(err.reason, entry.sample_id)
+        sample[FACE_IMAGE] = torch.from_numpy(crop).permute(2, 0, 1).float().div_(255)
+        if arcface is not None:
+            sample[ARCFACE] = torch.as_tensor(arcface, dtype=torch.float32)
         return sample
+
+    def _face_extractor(self):
+        if self.face_models is not None and self._extractor is None:
+            from datamodules.face_pipeline import FaceExtractor
+
+            self._extractor = FaceExtractor(self.face_models, face_size=self.face_size)
+        return self._extractor
 
     def start_frame_generator(self, index: int) -> torch.Generator:
         """The generator that picks sample `index`'s start frame in the current epoch."""
         seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0]
         return torch.Generator().manual_seed(int(seed))
 
-    def _load_video(self, path: Path, index: int) -> torch.Tensor:
-        """3 x F x H x W float in [-1, 1], the VAE's layout."""
+    def _load_video(self, entry: ManifestEntry, index: int) -> tuple[torch.Tensor, np.ndarray | None]:
+        """3 x F x H x W float in [-1, 1] (the VAE's layout), and a reference frame when the
+        line has no face image."""
+        reference_frame = self.reference_frame if entry.face_image is None else None
         if self.random_start:
-            frames = decode_video_frames(path, self.num_frames, self.frame_stride,
-                                         generator=self.start_frame_generator(index))
+            frames, reference = decode_clip(entry.video, self.num_frames, self.frame_stride,
+                                            generator=self.start_frame_generator(index),
+                                            reference_frame=reference_frame)
         else:
-            frames = decode_video_frames(path, self.num_frames, self.frame_stride, start_frame=0)
+            frames, reference = decode_clip(entry.video, self.num_frames, self.frame_stride, start_frame=0,
+                                            reference_frame=reference_frame)
         frames = frames.permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
-        return resize_and_center_crop(frames, self.height, self.width).permute(1, 0, 2, 3).contiguous()
+        video = resize_and_center_crop(frames, self.height, self.width).permute(1, 0, 2, 3).contiguous()
+        return video, reference
 
     def _warn_once(self, entry: ManifestEntry, path: Path, err: Exception) -> None:
         if path in self._warned_files:

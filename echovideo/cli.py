@@ -1,4 +1,4 @@
-"""The kit's one entry point: `echovideo {fit,validate,predict} --config experiments/X.yaml`.
+"""The kit's one entry point: `echovideo {preprocess,fit,validate,predict} --config experiments/X.yaml`.
 
 Also reachable as `python -m echovideo`. Experiments compose with `class_path`/`init_args`
 and are parsed in omegaconf mode, so a YAML can interpolate its own values
@@ -52,7 +52,74 @@ class EchoVideoCLI(LightningCLI):
         )
 
 
+class PreprocessCLI(EchoVideoCLI):
+    """`echovideo preprocess`: the experiment's data and model settings, no Trainer.
+
+    The experiment YAML gives the sizes (`data.*`), the encoders (`model.pretrained_path`,
+    `model.identity_encoder`, `model.encoder_dtype`) and the store (`data.feature_store`),
+    so preprocessing and training cannot disagree. Nothing heavy is built here: the module
+    loads its transformer only in `configure_model`, which preprocessing never calls.
+    """
+
+    def __init__(self, args=None):
+        super().__init__(args=args, run=False)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--preprocess.num_workers", type=int, default=None,
+                            help="encoding processes (default: one per GPU, else 1)")
+        parser.add_argument("--preprocess.part_size", type=int, default=2048,
+                            help="clips per resumable part (a kill loses at most one part)")
+        parser.add_argument("--preprocess.chunk_bytes", type=str, default="256MB",
+                            help="size of the store's chunk files")
+        parser.add_argument("--preprocess.overwrite", type=bool, default=False,
+                            help="delete an existing store and start anew")
+
+    def instantiate_trainer(self, **kwargs):
+        return None
+
+    def run_preprocess(self):
+        import torch
+
+        from datamodules.preprocess import EncoderSpec, StoreSettings, preprocess
+
+        data, model = self.datamodule, self.model
+        options = self.config["preprocess"]
+        if data.feature_store is None or data.train_manifest is None:
+            raise ValueError("preprocess needs data.train_manifest (in) and data.feature_store (out); "
+                             "set both in the experiment or with --data.init_args.<key>")
+        hp = model.hparams
+        from lightning_modules.identity_check import refuse_random_identity_at_release_size
+        from lightning_modules.release_layout import check_release_folder
+        import json
+
+        transformer_config = check_release_folder(hp.pretrained_path, ["transformer"]) / "transformer" / "config.json"
+        if data.face_models is None:
+            refuse_random_identity_at_release_size(model._identity_encoder, json.loads(transformer_config.read_text()))
+        num_workers = options.num_workers or max(1, torch.cuda.device_count())
+        report = preprocess(
+            data.train_manifest,
+            data.feature_store,
+            StoreSettings(buckets=data.buckets, frame_stride=data.frame_stride, face_size=data.face_size,
+                          reference_frame=data.reference_frame, seed=data.seed),
+            EncoderSpec(pretrained_path=hp.pretrained_path, encoder_dtype=hp.encoder_dtype,
+                        identity_encoder=None if data.face_models else model._identity_encoder,
+                        face_models=data.face_models),
+            num_workers=num_workers,
+            part_size=options.part_size,
+            chunk_bytes=options.chunk_bytes,
+            overwrite=options.overwrite,
+        )
+        print(report.summary())
+        return report
+
+
 def main(args=None) -> None:
+    import sys
+
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["preprocess"]:
+        PreprocessCLI(args=argv[1:]).run_preprocess()
+        return
     EchoVideoCLI(args=args)
 
 

@@ -5,9 +5,9 @@
 2. fits the tiny VAE to those clips (a random VAE would decode noise);
 3. writes a tiny release folder (transformer/, vae/, text_encoder/, ...) and loads every
    part back through the same code that loads the real release;
-4. caches the encoded features, trains the tiny transformer with
-   `echovideo fit --config experiments/demo_tiny.yaml`, then samples videos with
-   `echovideo predict ... --ckpt_path last`;
+4. encodes the clips into a feature store with `echovideo preprocess`, trains the tiny
+   transformer from it with `echovideo fit --config experiments/demo_tiny.yaml`, then
+   samples videos with `echovideo predict ... --ckpt_path last`;
 5. prints where the checkpoint, TensorBoard logs, videos and contact sheets are.
 """
 
@@ -22,20 +22,11 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules.demo_data import write_demo_dataset
-from datamodules.feature_cache import write_feature_cache
 from datamodules.files import write_text_atomically
 from datamodules.manifest import read_manifest
-from datamodules.video_dataset import VideoFaceDataset, collate_skipping_unreadable
-from echovideo.cli import EchoVideoCLI
-from lightning_modules.batch_features import encode_batch_features
-from lightning_modules.frozen_encoders import FrozenEncoders
-from lightning_modules.tiny import (
-    DEMO_TRANSFORMER_OVERRIDES,
-    build_tiny_identity_encoder,
-    build_tiny_vae,
-    tiny_transformer_config,
-    write_tiny_release,
-)
+from datamodules.video_dataset import VideoFaceDataset
+from echovideo.cli import EchoVideoCLI, PreprocessCLI
+from lightning_modules.tiny import DEMO_TRANSFORMER_OVERRIDES, build_tiny_vae, write_tiny_release
 
 EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "demo_tiny.yaml"
 NUM_FRAMES, SIZE, FACE_SIZE = 9, 64, 64
@@ -102,7 +93,7 @@ def run_demo(out: Path, vae_seconds: float, train_time: str) -> dict:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    data_dir, release_dir, cache_dir, run_dir = out / "data", out / "release", out / "cache", out / "run"
+    data_dir, release_dir, store_dir, run_dir = out / "data", out / "release", out / "store", out / "run"
 
     manifest = write_demo_dataset(data_dir, num_frames=NUM_FRAMES, height=SIZE, width=SIZE, face_size=FACE_SIZE)
     predict_manifest = _write_predict_manifest(manifest)
@@ -120,22 +111,16 @@ def run_demo(out: Path, vae_seconds: float, train_time: str) -> dict:
         release_dir, seed=0, vae=vae, transformer_overrides=DEMO_TRANSFORMER_OVERRIDES, overwrite=True
     )
 
-    encoders = FrozenEncoders.from_release_folder(
-        release_dir,
-        identity_encoder=build_tiny_identity_encoder(seed=0),
-        max_text_seq_length=tiny_transformer_config()["max_text_seq_length"],
-    )
-    batches = [collate_skipping_unreadable(samples[i : i + 4]) for i in range(0, len(samples), 4)]
-    write_feature_cache(batches, lambda b: encode_batch_features(encoders, b), cache_dir, total=len(batches))
-
     overrides = [
         f"--trainer.default_root_dir={run_dir}",
         f"--trainer.logger.init_args.save_dir={run_dir}",
         f"--model.init_args.pretrained_path={release_dir}",
         f"--data.init_args.train_manifest={manifest}",
         f"--data.init_args.predict_manifest={predict_manifest}",
-        f"--data.init_args.feature_cache_dir={cache_dir}",
+        f"--data.init_args.feature_store={store_dir}",
     ]
+    # The VAE was refitted, so features from an earlier demo run are stale: start the store anew.
+    PreprocessCLI(args=["--config", str(EXPERIMENT), "--preprocess.overwrite=true", *overrides]).run_preprocess()
     EchoVideoCLI(args=["fit", "--config", str(EXPERIMENT), f"--trainer.max_time={train_time}", *overrides])
     predict = EchoVideoCLI(args=["predict", "--config", str(EXPERIMENT), "--ckpt_path=last", *overrides])
     writer = next(c for c in predict.trainer.callbacks if hasattr(c, "written"))

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from diffusers.optimization import get_constant_schedule_with_warmup
 
 from datamodules import batch as keys
+from datamodules.skip_reasons import SKIP_REASONS
 from lightning_modules.batch_features import encode_batch_features
 from lightning_modules.echovideo_transformer import EchoVideoTransformer3DModel
 from lightning_modules.frozen_encoders import FrozenEncoders
 from lightning_modules.identity_encoder import IdentityEncoder
+from lightning_modules.identity_check import refuse_random_identity_at_release_size
 from lightning_modules.release_layout import load_scheduler, load_transformer
 from lightning_modules.sampling import (
     Conditions,
@@ -30,6 +32,8 @@ from lightning_modules.sampling import (
 from lightning_modules.step_random import step_generator
 
 IITF_PARTS = ("face_prj_wofc", "face_info_proj", "face_proj", "text_proj")
+# What `data/...` logs: samples skipped per reason, then captions cut to the T5 limit.
+DATA_COUNTERS = tuple(f"skipped/{reason}" for reason in SKIP_REASONS) + ("captions_truncated",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,7 +87,8 @@ class EchoVideoModule(pl.LightningModule):
         object.__setattr__(self, "encoders", None)
         # Set by callbacks.TwoStageFaceLatentSchedule; 1.0 means stage 1.
         self.face_latent_keep_prob = 1.0
-        self.skipped_samples = 0
+        # This rank's running counts of DATA_COUNTERS; logged summed over ranks.
+        self.data_counts = torch.zeros(len(DATA_COUNTERS), dtype=torch.float64)
         self._unconditional: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- building
@@ -93,6 +98,7 @@ class EchoVideoModule(pl.LightningModule):
             return
         hp = self.hparams
         self.transformer = load_transformer(hp.pretrained_path, dtype=torch.float32)
+        refuse_random_identity_at_release_size(self._identity_encoder, self.transformer.config)
         self.scheduler = load_scheduler(hp.pretrained_path)
         self.sampling_scheduler = self._build_sampling_scheduler()
         encoders = FrozenEncoders.from_release_folder(
@@ -115,12 +121,28 @@ class EchoVideoModule(pl.LightningModule):
             getattr(self.transformer, name).requires_grad_(True)
 
     def _place_encoders(self) -> None:
-        self.encoders.to(self.device)
+        self.encoders.place(self.device)
         self._unconditional = {}
+        self.data_counts = self.data_counts.to(self.device)
 
     def on_fit_start(self) -> None:
         self._place_encoders()
+        self._take_unconditional_from_datamodule()
         self.transformer.train()  # loaded in eval mode by from_pretrained
+
+    def _take_unconditional_from_datamodule(self) -> None:
+        """A feature store carries T5 of "" and SigLIP of a black face, so condition
+        dropout needs neither T5 nor SigLIP in memory."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        provided = getattr(datamodule, "unconditional_features", lambda: None)()
+        if provided is None:
+            return
+        arcface_dim = self.transformer.config.face_features_embed_dim
+        self._unconditional[""] = {
+            keys.TEXT_EMBEDS: provided[keys.TEXT_EMBEDS].to(self.device),
+            keys.SIGLIP_TOKENS: provided[keys.SIGLIP_TOKENS].to(self.device),
+            keys.ARCFACE: torch.zeros(1, arcface_dim, device=self.device),
+        }
 
     def on_validation_start(self) -> None:
         self._place_encoders()
@@ -218,8 +240,11 @@ class EchoVideoModule(pl.LightningModule):
         return loss, {"face_latent_keep_rate": keep.float().mean()}
 
     def _features(self, batch: dict, step: int, micro_batch: int = 0) -> dict | None:
-        if not any(k in batch for k in (keys.LATENTS, keys.VIDEO)):
+        if not any(k in batch for k in (keys.LATENTS, keys.LATENT_MEAN, keys.VIDEO)):
             return None  # every sample of this batch was unreadable
+        if keys.TEXT_EMBEDS not in batch and keys.CAPTION in batch and self.training:
+            truncated = self.encoders.truncated_caption_count(batch[keys.CAPTION])
+            self.data_counts[DATA_COUNTERS.index("captions_truncated")] += truncated
         return encode_batch_features(
             self.encoders,
             batch,
@@ -229,9 +254,10 @@ class EchoVideoModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int):
         step, micro_batch = self.global_step, self._micro_batch(batch_idx)
-        self.skipped_samples += int(batch.get(keys.NUM_SKIPPED, 0))
+        if keys.SKIPPED in batch:
+            self.data_counts[: len(SKIP_REASONS)] += batch[keys.SKIPPED].to(self.data_counts)
         features = self._features(batch, step, micro_batch)
-        self.log("data/skipped_samples", float(self.skipped_samples), on_step=True, rank_zero_only=True)
+        self._log_data_counts()
         if features is None:
             return None
         self._drop_conditions(features, step, micro_batch)
@@ -252,11 +278,28 @@ class EchoVideoModule(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=features[keys.LATENTS].shape[0], sync_dist=True)
         return loss
 
+    def _log_data_counts(self) -> None:
+        """`data/skipped/<reason>` and `data/captions_truncated`, summed over all ranks.
+
+        Every rank reduces the same fixed-length vector each step (one small collective),
+        so the totals are the run's, not rank 0's share.
+        """
+        totals = self.trainer.strategy.reduce(self.data_counts.clone(), reduce_op="sum")
+        for name, total in zip(DATA_COUNTERS, totals.tolist()):
+            self.log(f"data/{name}", float(total), on_step=True, on_epoch=False, rank_zero_only=True)
+        self._data_totals = totals
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["skipped_samples"] = self.skipped_samples
+        totals = getattr(self, "_data_totals", self.data_counts)
+        checkpoint["data_counts"] = dict(zip(DATA_COUNTERS, totals.tolist()))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.skipped_samples = checkpoint.get("skipped_samples", 0)
+        # The saved totals are the whole run's; rank 0 carries them on so sums stay right.
+        saved = checkpoint.get("data_counts", {})
+        counts = torch.zeros(len(DATA_COUNTERS), dtype=torch.float64)
+        if self.global_rank == 0:
+            counts = torch.tensor([float(saved.get(name, 0)) for name in DATA_COUNTERS], dtype=torch.float64)
+        self.data_counts = counts.to(self.data_counts.device)
 
     # ----------------------------------------------------------------- sampling
     def predict_step(self, batch: dict, batch_idx: int) -> dict:

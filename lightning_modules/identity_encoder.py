@@ -61,3 +61,71 @@ class TinyRandomRecognizer(IdentityEncoder):
         )
         # ArcFace-style input normalisation: [0, 1] -> [-1, 1].
         return self.head(self.features(face_image * 2 - 1))
+
+
+class InsightFaceArcFace(IdentityEncoder):
+    """The release's recogniser: insightface antelopev2 `glintr100.onnx`, raw 512-d embeddings.
+
+    It has no torch parameters; the ONNX session is opened on first use and left out of the
+    pickled/deep-copied state, so LightningCLI and DataLoader workers can copy the module freely.
+    """
+
+    embedding_dim = 512
+
+    def __init__(self, model_root: str, device: str = "cpu"):
+        super().__init__()
+        from pathlib import Path
+
+        self.model_root = str(model_root)
+        self.onnx_device = str(device)
+        self.model_path = Path(self.model_root) / "models" / "antelopev2" / "glintr100.onnx"
+        if not self.model_path.is_file():
+            raise FileNotFoundError(
+                f"insightface glintr100 recogniser not found: {self.model_path}. It must be at "
+                f"models/antelopev2/glintr100.onnx under the face model folder {self.model_root} (the release's "
+                f"face_encoder/). Fix: copy the release's face_encoder/ folder there."
+            )
+        # Zero-size buffer: follows .to(device), so `device` works without parameters.
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+        self._recogniser = None
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_anchor.device
+
+    @property
+    def recogniser(self):
+        if self._recogniser is None:
+            import onnxruntime
+            from insightface.model_zoo import model_zoo
+
+            use_cuda = (
+                self.onnx_device.startswith("cuda")
+                and torch.cuda.is_available()
+                and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+            )
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+            recogniser = model_zoo.get_model(str(self.model_path), providers=providers)
+            if recogniser is None or getattr(recogniser, "taskname", None) != "recognition":
+                raise RuntimeError(f"{self.model_path} is not an insightface recognition model")
+            recogniser.prepare(ctx_id=0 if use_cuda else -1)
+            self._recogniser = recogniser
+        return self._recogniser
+
+    def __getstate__(self):
+        # Used by pickle and copy.deepcopy alike: the session is reopened lazily on the copy.
+        state = dict(self.__dict__)
+        state["_recogniser"] = None
+        return state
+
+    @torch.no_grad()
+    def forward(self, face_image: torch.Tensor) -> torch.Tensor:
+        recogniser = self.recogniser
+        size = recogniser.input_size[0]
+        faces = face_image.detach().to(device="cpu", dtype=torch.float32)
+        if faces.shape[-2:] != (size, size):
+            faces = F.interpolate(faces, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        # get_feat wants BGR images on the 0..255 scale (it swaps to RGB itself).
+        pixels = (faces.clamp(0, 1) * 255).permute(0, 2, 3, 1).flip(-1).contiguous().numpy()
+        embeddings = recogniser.get_feat(list(pixels))
+        return torch.from_numpy(embeddings.astype("float32")).to(face_image.device)

@@ -34,7 +34,7 @@ def demo_setup(tiny_release, tmp_path):
         "--model.init_args.sampling.width=32",
         f"--data.init_args.train_manifest={manifest}",
         f"--data.init_args.predict_manifest={predict}",
-        "--data.init_args.feature_cache_dir=null",
+        "--data.init_args.feature_store=null",
         "--data.init_args.repeat=1",
         "--data.init_args.height=32",
         "--data.init_args.width=32",
@@ -66,7 +66,7 @@ def test_fit_resume_predict(demo_setup, monkeypatch):
     assert (run / "tensorboard" / "config.1.yaml").is_file()  # the resume kept the first config
 
     scalars = _scalars(run / "tensorboard")
-    for tag in ("train/loss", "train/stage", "train/face_latent_keep_rate", "lr-AdamW", "data/skipped_samples"):
+    for tag in ("train/loss", "train/stage", "train/face_latent_keep_rate", "lr-AdamW", "data/skipped/unreadable_video"):
         assert tag in scalars, sorted(scalars)
     assert max(scalars["train/loss"]) >= 3  # steps logged after the resume land in the same run
 

@@ -2,6 +2,8 @@
 
 import torch
 
+from datamodules.skip_reasons import NO_FACE, SKIP_REASONS, VIDEO_TOO_SHORT
+
 from datamodules import batch as keys
 from lightning_modules.batch_features import encode_batch_features
 from lightning_modules.echovideo_module import IITF_PARTS
@@ -29,6 +31,8 @@ def test_loss_falls_when_overfitting_one_batch(tiny_release, raw_batch):
 
 def test_frozen_encoders_never_train_nor_enter_optimizer_or_checkpoint(tiny_release, raw_batch, tmp_path):
     module = build_module(tiny_release)
+    for part in module.encoders.LAZY_PARTS:  # load every lazily loaded part before the snapshot
+        getattr(module.encoders, part)
     encoders_before = _snapshot(module.encoders)
     transformer_before = _snapshot(module.transformer)
 
@@ -97,8 +101,10 @@ def test_face_latent_keep_probability_masks_the_face_channels(tiny_release, raw_
 def test_batches_of_only_unreadable_samples_are_skipped_and_counted(tiny_release, raw_batch, tmp_path):
     module = build_module(tiny_release)
     recorder = ModelInputRecorder(module)
-    empty = {keys.NUM_SKIPPED: torch.tensor(2)}
-    partial = dict(raw_batch, **{keys.NUM_SKIPPED: torch.tensor(1)})
+    counts = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
+    empty = {keys.SKIPPED: counts.clone().index_fill_(0, torch.tensor([SKIP_REASONS.index(NO_FACE)]), 2)}
+    partial = dict(raw_batch, **{keys.SKIPPED: counts.clone().index_fill_(
+        0, torch.tensor([SKIP_REASONS.index(VIDEO_TOO_SHORT)]), 1)})
     batches = [empty, partial, empty]
 
     class Batches(torch.utils.data.Dataset):
@@ -110,6 +116,7 @@ def test_batches_of_only_unreadable_samples_are_skipped_and_counted(tiny_release
 
     fit = trainer(tmp_path, max_epochs=1)
     fit.fit(module, torch.utils.data.DataLoader(Batches(), batch_size=None))
-    assert module.skipped_samples == 5
     assert len(recorder.calls) == 1  # only the batch with readable samples reached the model
-    assert fit.callback_metrics["data/skipped_samples"] == 5
+    assert fit.callback_metrics["data/skipped/no_face"] == 4
+    assert fit.callback_metrics["data/skipped/video_too_short"] == 1
+    assert fit.callback_metrics["data/skipped/unreadable_video"] == 0

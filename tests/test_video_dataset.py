@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.batch import CAPTION, FACE_IMAGE, NUM_SKIPPED, SAMPLE_ID, VIDEO
+from datamodules.batch import CAPTION, FACE_IMAGE, SAMPLE_ID, SKIPPED, VIDEO
+from datamodules.skip_reasons import SKIP_REASONS, UNREADABLE_IMAGE, UNREADABLE_VIDEO, Skipped
 from datamodules.manifest import ManifestEntry, ManifestError
 from datamodules.video_dataset import (
     SampleReadError,
@@ -138,31 +139,36 @@ def test_unreadable_files_give_none_and_warn_once_per_file(files):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         samples = [dataset[i] for i in (0, 1, 2, 0, 1)]
-    assert samples[0] is None and samples[1] is None and samples[3] is None and samples[4] is None
-    assert samples[2] is not None
+    assert samples[0] == samples[3] == Skipped(UNREADABLE_VIDEO, "sample-1")
+    assert samples[1] == samples[4] == Skipped(UNREADABLE_IMAGE, "sample-2")
+    assert not isinstance(samples[2], Skipped)
     messages = [str(w.message) for w in caught if issubclass(w.category, UnreadableSampleWarning)]
     assert len(messages) == 2
     assert str(files["corrupt"]) in messages[0] and "sample-1" in messages[0]
     assert str(files["truncated"]) in messages[1]
 
     batch = collate_skipping_unreadable(samples[:3])
-    assert batch[NUM_SKIPPED].item() == 2
+    assert batch[SKIPPED][SKIP_REASONS.index(UNREADABLE_VIDEO)].item() == 1
+    assert batch[SKIPPED][SKIP_REASONS.index(UNREADABLE_IMAGE)].item() == 1
+    assert batch[SKIPPED].sum().item() == 2
     assert batch[VIDEO].shape == (1, 3, 4, 16, 16) and batch[FACE_IMAGE].shape == (1, 3, 12, 12)
     assert batch[CAPTION] == ["caption 3"] and batch[SAMPLE_ID] == ["sample-3"]
 
 
-def test_collate_of_an_all_unreadable_batch_keeps_only_the_count():
-    batch = collate_skipping_unreadable([None, None, None])
-    assert set(batch) == {NUM_SKIPPED} and batch[NUM_SKIPPED].item() == 3
+def test_collate_of_an_all_unreadable_batch_keeps_only_the_counts():
+    batch = collate_skipping_unreadable([Skipped(UNREADABLE_VIDEO, "a"), Skipped(UNREADABLE_VIDEO, "b"),
+                                         Skipped(UNREADABLE_IMAGE, "c")])
+    assert set(batch) == {SKIPPED}
+    assert batch[SKIPPED].tolist() == [{UNREADABLE_VIDEO: 2, UNREADABLE_IMAGE: 1}.get(r, 0) for r in SKIP_REASONS]
 
 
 def test_predict_samples_without_video(files):
     no_video = ManifestEntry(video=None, caption="waves", face_image=files["face"], line=1,
                              sample_id="p1")
     dataset = make_dataset([no_video, no_video], random_start=False)
-    batch = collate_skipping_unreadable([dataset[0], None, dataset[1]])
+    batch = collate_skipping_unreadable([dataset[0], Skipped(UNREADABLE_IMAGE, "x"), dataset[1]])
     assert VIDEO not in batch and batch[FACE_IMAGE].shape == (2, 3, 12, 12)
-    assert batch[NUM_SKIPPED].item() == 1
+    assert batch[SKIPPED].sum().item() == 1
     with_video = make_dataset([entry(files["video"], files["face"])], random_start=False)[0]
     with pytest.raises(ValueError, match="same keys"):
         collate_skipping_unreadable([dataset[0], with_video])
@@ -187,7 +193,7 @@ def test_datamodule_setup_rejects_a_bad_manifest_before_any_loader(files):
     module = datamodule(manifest, val_manifest=str(val))
     with pytest.raises(ManifestError) as caught:
         module.setup("fit")
-    assert [p.split(": ")[:2] for p in caught.value.problems] == [
+    assert [str(p).split(": ")[:2] for p in caught.value.problems] == [
         [f"{manifest}:2", "field 'caption'"], [f"{val}:1", "field '<line>'"]]
     assert module.train_dataset is None
     with pytest.raises(RuntimeError, match="setup"):
@@ -208,7 +214,7 @@ def test_datamodule_train_loader_yields_contract_batches_and_syncs_epoch_to_work
         loader.sampler.set_epoch(epoch)  # what Lightning does at every epoch start
         order, starts = [], []
         for batch in loader:
-            assert batch[VIDEO].shape == (2, 3, 4, 16, 16) and batch[NUM_SKIPPED].item() == 0
+            assert batch[VIDEO].shape == (2, 3, 4, 16, 16) and batch[SKIPPED].sum().item() == 0
             order += batch[SAMPLE_ID]
             levels = batch[VIDEO][:, :, 0].mean(dim=(1, 2, 3))
             starts += torch.round((levels + 1) * 127.5 / GRAY_STEP).int().tolist()

@@ -1,0 +1,291 @@
+"""Reference-photo preprocessing as released: photo -> largest face -> aligned, parsed 512 crop + ArcFace embedding.
+
+Steps (docs/echovideo-facts.md, "Face preprocessing as released"): EXIF-upright RGB photo, long
+side at most 1024 (Lanczos); insightface antelopev2 (SCRFD + glintr100) on the BGR photo, largest
+face; facexlib RetinaFace (centre face) as fallback detector; similarity alignment of the 5
+landmarks to facexlib's FaceRestoreHelper 512 template; BiSeNet parsing blacks out background,
+ears, earring, neck, necklace, cloth and hat. Photos that cannot be used raise SkippedSample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+from datamodules.skip_reasons import NO_FACE, UNREADABLE_IMAGE, SkippedSample
+
+ANTELOPE_SUBDIR = Path("models") / "antelopev2"
+DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
+RECOGNISER_FILE = "glintr100.onnx"
+RETINAFACE_FILE = "detection_Resnet50_Final.pth"
+PARSING_FILE = "parsing_bisenet.pth"
+
+# facexlib FaceRestoreHelper's 5-point template (eyes, nose, mouth corners) for 512x512 FFHQ crops.
+FACE_TEMPLATE_512 = np.array(
+    [
+        [192.98138, 239.94708],
+        [318.90277, 240.1936],
+        [256.63416, 314.01935],
+        [201.26117, 371.41043],
+        [313.08905, 371.15118],
+    ],
+    dtype=np.float32,
+)
+# The helper warps its BGR image with this constant border (gray), pad_blur or not.
+HELPER_BORDER_BGR = (135, 133, 132)
+# BiSeNet labels blacked out: background, ears (7, 8), earring, necklace, neck, cloth, hat.
+PARSING_DROPPED_LABELS = (0, 7, 8, 9, 14, 15, 16, 18)
+PARSING_INPUT_SIZE = 512
+# FaceRestoreHelper.get_face_landmarks_5 keeps RetinaFace faces above this confidence.
+RETINAFACE_CONFIDENCE = 0.97
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; 16/32-bit integer and float images are rescaled, not clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            values = values * 255.0 if values.max(initial=0.0) <= 1.0 else values
+        else:
+            values = values / 257.0  # 0..65535 -> 0..255
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def read_photo(path, max_side: int = 1024) -> np.ndarray:
+    """The reference photo as H x W x 3 uint8 RGB, upright per EXIF, long side <= max_side (Lanczos)."""
+    try:
+        with Image.open(path) as opened:
+            upright = ImageOps.exif_transpose(opened)
+            rgb = _to_rgb(upright)
+            rgb.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise SkippedSample(UNREADABLE_IMAGE, f"cannot read image {path}: {error}") from error
+    longest = max(rgb.size)
+    if longest > max_side:
+        scale = max_side / longest
+        size = tuple(max(1, min(max_side, round(side * scale))) for side in rgb.size)
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS)
+    return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+@dataclass
+class FaceCrop:
+    """One face: the aligned parsed crop (RGB), the raw ArcFace embedding and where it was found."""
+
+    aligned: np.ndarray  # face_size x face_size x 3 uint8 RGB
+    arcface: np.ndarray  # (512,) float32, raw `face.embedding` (not unit-normed)
+    landmarks: np.ndarray  # (5, 2) float32, in input-image pixels
+    bbox: np.ndarray  # (4,) float32 x1, y1, x2, y2 in input-image pixels
+    detector: str  # "insightface" or "retinaface"
+
+
+def _short_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def _missing_model_error(path: Path, what: str, model_root: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{what} not found: {path}. It must be at {path.relative_to(model_root)} under the face model folder "
+        f"{model_root} (the release's face_encoder/). Fix: copy the release's face_encoder/ folder there "
+        f"(or write tiny test models with lightning_modules.tiny_face_models.write_tiny_face_models)."
+    )
+
+
+class FaceExtractor:
+    """Detect, align and parse the face of a reference photo with the release's face models.
+
+    Construction only checks files, so it is cheap and the object pickles; the models are
+    loaded on first `extract` in each process (DataLoader or preprocessing workers).
+    """
+
+    def __init__(
+        self,
+        model_root,
+        device: str = "cpu",
+        det_size: int = 640,
+        face_size: int = 512,
+        fallback_detector: bool = True,
+    ):
+        self.model_root = Path(model_root)
+        self.device = str(device)
+        self.det_size = int(det_size)
+        self.face_size = int(face_size)
+        self.fallback_detector = bool(fallback_detector)
+        self.detector_path = self.model_root / ANTELOPE_SUBDIR / DETECTOR_FILE
+        self.recogniser_path = self.model_root / ANTELOPE_SUBDIR / RECOGNISER_FILE
+        self.retinaface_path = self.model_root / RETINAFACE_FILE
+        self.parsing_path = self.model_root / PARSING_FILE
+        required = [
+            (self.detector_path, "insightface SCRFD detector"),
+            (self.recogniser_path, "insightface glintr100 recogniser"),
+        ]
+        if self.fallback_detector:
+            required.append(
+                (self.retinaface_path, "facexlib RetinaFace fallback detector (or pass fallback_detector=False)")
+            )
+        for path, what in required:
+            if not path.is_file():
+                raise _missing_model_error(path, what, self.model_root)
+        self.parsing_enabled = self.parsing_path.is_file()
+        if not self.parsing_enabled:
+            warnings.warn(
+                f"face parsing is off: {self.parsing_path} is missing, so aligned faces keep their background",
+                stacklevel=2,
+            )
+        self.template = FACE_TEMPLATE_512 * (self.face_size / 512.0)
+        self._versions: dict | None = None
+        self._drop_models()
+
+    def _drop_models(self) -> None:
+        self._app = None
+        self._retinaface = None
+        self._parser = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_app=None, _retinaface=None, _parser=None)
+        return state
+
+    @property
+    def _use_cuda(self) -> bool:
+        import torch
+
+        return self.device.startswith("cuda") and torch.cuda.is_available()
+
+    @property
+    def torch_device(self) -> str:
+        return self.device if self._use_cuda else "cpu"
+
+    def _load_models(self) -> None:
+        if self._app is not None:
+            return
+        import onnxruntime
+        from insightface.app import FaceAnalysis
+
+        use_cuda_onnx = self._use_cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda_onnx else ["CPUExecutionProvider"]
+        app = FaceAnalysis(name="antelopev2", root=str(self.model_root), providers=providers)
+        app.prepare(ctx_id=0 if use_cuda_onnx else -1, det_size=(self.det_size, self.det_size))
+        if "recognition" not in app.models:
+            raise RuntimeError(f"{self.recogniser_path} was not recognised by insightface as a face recogniser")
+        if self.fallback_detector:
+            # The file was checked at construction, so facexlib finds it and never downloads.
+            from facexlib.detection import init_detection_model
+
+            with warnings.catch_warnings():  # facexlib builds torchvision's resnet50 the deprecated way
+                warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+                self._retinaface = init_detection_model(
+                    "retinaface_resnet50", half=False, device=self.torch_device, model_rootpath=str(self.model_root)
+                )
+        if self.parsing_enabled:
+            from facexlib.parsing import init_parsing_model
+
+            self._parser = init_parsing_model("bisenet", device=self.torch_device, model_rootpath=str(self.model_root))
+        self._app = app
+
+    @property
+    def recogniser(self):
+        self._load_models()
+        return self._app.models["recognition"]
+
+    def versions(self) -> dict:
+        """Model file names with short sha256s, and whether parsing ran: written into preprocess reports."""
+        if self._versions is None:
+            used = [self.detector_path, self.recogniser_path]
+            if self.fallback_detector:
+                used.append(self.retinaface_path)
+            if self.parsing_enabled:
+                used.append(self.parsing_path)
+            self._versions = {path.name: _short_sha256(path) for path in used}
+            self._versions["parsing"] = self.parsing_enabled
+        return dict(self._versions)
+
+    def _retinaface_centre_face(self, bgr: np.ndarray):
+        import torch
+
+        with torch.no_grad():
+            detections = self._retinaface.detect_faces(bgr, RETINAFACE_CONFIDENCE)
+        if len(detections) == 0:
+            return None
+        height, width = bgr.shape[:2]
+        centres = (detections[:, 0:2] + detections[:, 2:4]) / 2
+        nearest = int(np.argmin(np.linalg.norm(centres - np.array([width / 2, height / 2]), axis=1)))
+        return detections[nearest, 0:4], detections[nearest, 5:15].reshape(5, 2)
+
+    def parse_labels(self, aligned_bgr: np.ndarray) -> np.ndarray:
+        """BiSeNet labels (H x W int) of an aligned BGR crop, run at 512 as facexlib's helper does."""
+        import torch
+
+        size = aligned_bgr.shape[:2]
+        face = cv2.resize(aligned_bgr, (PARSING_INPUT_SIZE, PARSING_INPUT_SIZE), interpolation=cv2.INTER_LINEAR)
+        rgb = face[:, :, ::-1].astype(np.float32) / 255.0
+        tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
+        tensor = ((tensor - 0.5) / 0.5).to(self.torch_device)
+        with torch.no_grad():
+            logits = self._parser(tensor)[0]
+        labels = logits.argmax(dim=1).squeeze(0).cpu().numpy().astype(np.uint8)
+        if labels.shape != size:
+            labels = cv2.resize(labels, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+        return labels
+
+    def align(self, bgr: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """Similarity-warp the face so its 5 landmarks land on the 512 template (scaled to face_size)."""
+        matrix = cv2.estimateAffinePartial2D(
+            np.asarray(landmarks, dtype=np.float32), self.template, method=cv2.LMEDS
+        )[0]
+        if matrix is None:
+            raise SkippedSample(NO_FACE, "the 5 face landmarks are degenerate; no alignment exists")
+        return cv2.warpAffine(
+            bgr, matrix, (self.face_size, self.face_size), borderMode=cv2.BORDER_CONSTANT, borderValue=HELPER_BORDER_BGR
+        )
+
+    def extract(self, rgb: np.ndarray) -> FaceCrop:
+        """The largest face of an RGB photo (H x W x 3 uint8); SkippedSample(NO_FACE) when there is none."""
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"expected an H x W x 3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
+        self._load_models()
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        faces = self._app.get(bgr)
+        if faces:
+            face = max(faces, key=lambda f: float((f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])))
+            bbox, landmarks, embedding, detector = face.bbox, face.kps, face.embedding, "insightface"
+        else:
+            found = self._retinaface_centre_face(bgr) if self._retinaface is not None else None
+            if found is None:
+                detectors = "insightface or RetinaFace" if self._retinaface is not None else "insightface"
+                raise SkippedSample(NO_FACE, f"no face found by {detectors} in a {rgb.shape[1]}x{rgb.shape[0]} photo")
+            bbox, landmarks = found
+            from insightface.utils import face_align
+
+            recogniser = self._app.models["recognition"]
+            arcface_crop = face_align.norm_crop(bgr, landmark=landmarks, image_size=recogniser.input_size[0])
+            embedding, detector = recogniser.get_feat(arcface_crop).flatten(), "retinaface"
+        aligned_bgr = self.align(bgr, landmarks)
+        if self._parser is not None:
+            labels = self.parse_labels(aligned_bgr)
+            aligned_bgr[np.isin(labels, PARSING_DROPPED_LABELS)] = 0
+        return FaceCrop(
+            aligned=np.ascontiguousarray(aligned_bgr[:, :, ::-1]),
+            arcface=np.asarray(embedding, dtype=np.float32).reshape(-1),
+            landmarks=np.asarray(landmarks, dtype=np.float32).reshape(5, 2),
+            bbox=np.asarray(bbox, dtype=np.float32).reshape(4),
+            detector=detector,
+        )
