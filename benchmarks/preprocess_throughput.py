@@ -17,8 +17,10 @@ litdata workers and writing), not of the VAE/T5/SigLIP at full size.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -29,8 +31,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 CAPTION_WORDS = ("a man woman person walks smiles looks turns in the park street room beach "
@@ -38,15 +38,21 @@ CAPTION_WORDS = ("a man woman person walks smiles looks turns in the park street
 
 
 def smooth_clip(rng: np.random.Generator, num_frames: int, height: int, width: int) -> np.ndarray:
-    """F x H x W x 3 uint8: a coarse random colour field, drifting and upsampled (compressible like video)."""
-    coarse = torch.from_numpy(rng.random((2, 3, 6, 6), dtype=np.float32))
-    t = torch.linspace(0, 1, num_frames).view(-1, 1, 1, 1)
-    keyframes = coarse[0] * (1 - t) + coarse[1] * t                      # F x 3 x 6 x 6
-    frames = F.interpolate(keyframes, size=(height, width), mode="bicubic", align_corners=False)
+    """F x H x W x 3 uint8: a coarse random colour field, drifting and upsampled (compressible like video).
+
+    numpy and PIL only, on purpose: a multi-threaded torch op in this process before
+    `preprocess` forks its workers leaves them hung in their first matmul (GNU OpenMP is
+    not fork-safe), see the README.
+    """
+    coarse = rng.random((2, 6, 6, 3), dtype=np.float32)
     shift = int(rng.integers(1, 4))
-    frames = torch.stack([torch.roll(frame, shifts=(i * shift, i * shift), dims=(1, 2))
-                          for i, frame in enumerate(frames)])
-    return (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    frames = []
+    for index in range(num_frames):
+        t = index / max(num_frames - 1, 1)
+        key = ((coarse[0] * (1 - t) + coarse[1] * t) * 255).round().astype(np.uint8)
+        frame = np.asarray(Image.fromarray(key).resize((width, height), Image.Resampling.BICUBIC))
+        frames.append(np.roll(frame, (index * shift, index * shift), axis=(0, 1)))
+    return np.stack(frames)
 
 
 def write_dataset(folder: Path, num_clips: int, num_frames: int, height: int, width: int,
@@ -156,6 +162,8 @@ def run(args) -> None:
 
 
 def main(argv=None) -> None:
+    # `kill -USR1 <pid>` prints every thread's stack of a stuck process (workers inherit it).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=32, help="synthetic clips to write and encode")
     parser.add_argument("--num-workers", type=int, default=2, help="preprocess worker processes")

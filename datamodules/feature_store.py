@@ -31,7 +31,8 @@ through numpy, which has no bfloat16; `record_to_sample` views them back, bit-ex
 Why the posterior and not one drawn latent: CogVideoX's fine-tuning draws a fresh latent
 from the posterior every step (a free augmentation); storing mean and std keeps that
 (`lightning_modules.frozen_encoders.draw_latents`), so the store and on-the-fly encoding
-train identically, for twice the latent bytes (2 x 1.3 MB at 49x480x848).
+train identically, for twice the latent bytes (2 x 2.6 MB at 49x480x848; a whole
+sample is about 7.7 MB).
 Why T5 is kept whole: CogVideoX feeds T5 the padded ids without an attention mask, so
 the padding rows are not constant and the transformer was trained on them; dropping them
 would change the conditioning. bfloat16 is what the encoder computes in and what the

@@ -167,6 +167,9 @@ class EncodeSample:
     def _load(self, device: str | None) -> None:
         if self._encoders is not None:
             return
+        # A forked worker must not use the OpenMP pool its parent may have started (it hangs);
+        # one thread per worker, as torch's DataLoader workers do. Scale with more workers.
+        torch.set_num_threads(1)
         from lightning_modules.echovideo_module import DTYPES
         from lightning_modules.frozen_encoders import FrozenEncoders
 

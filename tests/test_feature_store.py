@@ -1,0 +1,239 @@
+"""Raw clips -> `echovideo preprocess` -> feature store -> `echovideo fit` from it -> resume.
+
+Every bad-input class is written as a real file and must land in the report under its
+reason; a resumed fit must see exactly the samples, in the same order, that an unbroken
+fit sees (2 loader workers); a preprocess killed mid-run and re-run must end with the same
+store as an unbroken one.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from datamodules import batch as keys
+from datamodules.feature_store import REPORT_FILE, open_store_dataset, record_to_sample
+from echovideo.cli import EchoVideoCLI, PreprocessCLI
+from helpers_video import write_gray_ramp_video
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENT = ROOT / "experiments" / "demo_tiny.yaml"
+
+
+class SampleIdRecorder(pl.Callback):
+    """Appends the sample ids of every training batch, one JSON line per step, to `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with open(self.path, "a", encoding="utf-8") as log:
+            log.write(json.dumps({"step": trainer.global_step, "ids": batch.get(keys.SAMPLE_ID, [])}) + "\n")
+
+
+def _write_dataset(folder: Path) -> Path:
+    """Good clips with and without a face photo, plus one of every bad kind."""
+    (folder / "clips").mkdir(parents=True)
+    face = folder / "face.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(face)
+    lines = []
+    for i in range(8):
+        write_gray_ramp_video(folder / "clips" / f"good{i}.mp4", 14)
+        line = {"id": f"good{i}", "video": f"clips/good{i}.mp4", "caption": f"a man walks {i}"}
+        if i % 2 == 0:
+            line["face_image"] = "face.png"
+        lines.append(line)
+    (folder / "clips" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a real video")
+    (folder / "clips" / "empty.mp4").write_bytes(b"")
+    write_gray_ramp_video(folder / "clips" / "short.mp4", 5)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    lines += [
+        {"id": "corrupt", "video": "clips/corrupt.mp4", "caption": "a woman smiles"},
+        {"id": "empty", "video": "clips/empty.mp4", "caption": "a woman smiles"},
+        {"id": "short", "video": "clips/short.mp4", "caption": "a woman smiles"},
+        {"id": "bad_photo", "video": "clips/good0.mp4", "caption": "a woman smiles", "face_image": "broken.png"},
+        {"id": "no_caption", "video": "clips/good1.mp4", "caption": "   "},
+        {"id": "long", "video": "clips/good2.mp4", "caption": " ".join(["a happy man walks in the park"] * 5)},
+    ]
+    manifest = folder / "train.jsonl"
+    # As editors write them: a byte-order mark, Windows line endings, a blank line.
+    text = "\ufeff" + "\r\n".join(json.dumps(line, ensure_ascii=False) for line in lines[:3]) + "\r\n\r\n"
+    text += "\r\n".join(json.dumps(line, ensure_ascii=False) for line in lines[3:]) + "\r\n"
+    manifest.write_bytes(text.encode("utf-8"))
+    return manifest
+
+
+def _overrides(release: Path, manifest: Path, store: Path, run: Path, part_size: int = 4) -> list[str]:
+    return [
+        f"--trainer.default_root_dir={run}",
+        f"--trainer.logger.init_args.save_dir={run}",
+        "--trainer.max_time=null",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        f"--model.init_args.pretrained_path={release}",
+        "--model.init_args.sampling.height=32",
+        "--model.init_args.sampling.width=32",
+        f"--data.init_args.train_manifest={manifest}",
+        f"--data.init_args.feature_store={store}",
+        "--data.init_args.height=32",
+        "--data.init_args.width=32",
+        "--data.init_args.face_size=32",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=2",
+        f"--preprocess.part_size={part_size}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def preprocessed(tiny_release, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("store_data")
+    manifest = _write_dataset(folder)
+    store = folder / "store"
+    overrides = _overrides(tiny_release, manifest, store, folder / "unused_run")
+    report = PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides]).run_preprocess()
+    return folder, manifest, store, report
+
+
+def _fit_args(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith("--preprocess.")]
+
+
+def test_preprocess_report_counts_every_bad_input_by_reason(preprocessed):
+    folder, _, store, report = preprocessed
+    assert report.complete
+    assert report.written == {"9x32x32": 9}  # the 8 good clips and the long caption, cut
+    assert report.skipped == {"unreadable_video": 2, "video_too_short": 1, "unreadable_image": 1,
+                              "empty_caption": 1}
+    assert report.captions_truncated == 1  # "long" exceeds the tiny tokenizer's 16 tokens
+    assert report.face_parsing is None and "none" in report.face_pipeline
+    on_disk = json.loads((store / REPORT_FILE).read_text())
+    assert on_disk["skipped"] == report.skipped and on_disk["written"] == report.written
+    details = {s.get("sample_id"): s["reason"] for s in on_disk["skipped_samples"]}
+    assert details["corrupt"] == "unreadable_video" and details["short"] == "video_too_short"
+    assert details["bad_photo"] == "unreadable_image"
+
+    sample = open_store_dataset(store, shuffle=False, seed=0)[0]
+    assert sample[keys.LATENT_MEAN].dtype == torch.bfloat16
+    assert sample[keys.LATENT_MEAN].shape == sample[keys.LATENT_STD].shape == (3, 16, 4, 4)
+    assert sample[keys.FACE_LATENT].shape == (1, 16, 4, 4) and sample[keys.ARCFACE].shape == (512,)
+
+
+def test_store_entry_whose_source_changed_is_skipped(preprocessed, tmp_path):
+    folder, _, store, _ = preprocessed
+    dataset = open_store_dataset(store, shuffle=False, seed=0)
+    raw = super(type(dataset), dataset).__getitem__(0)
+    assert record_to_sample(raw, verify_sources=True)[keys.SAMPLE_ID] == raw[keys.SAMPLE_ID]
+    source = json.loads(raw["sources"])[0][0]
+    moved = json.dumps([[source, 1, 1]])  # a size and time the file does not have
+    changed = record_to_sample(dict(raw, sources=moved), verify_sources=True)
+    assert changed.reason == "source_changed"
+    assert not hasattr(record_to_sample(dict(raw, sources=moved), verify_sources=False), "reason")
+
+
+def test_fit_from_store_resumes_at_the_exact_next_sample(preprocessed, tiny_release, tmp_path, monkeypatch):
+    folder, manifest, store, _ = preprocessed
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    config = ["--config", str(EXPERIMENT)]
+    recorder = "test_feature_store.SampleIdRecorder"
+
+    def fit(run: Path, log: Path, max_steps: int, resume: bool):
+        overrides = _fit_args(_overrides(tiny_release, manifest, store, run))
+        return EchoVideoCLI(args=[
+            "fit", *config, *overrides, f"--trainer.max_steps={max_steps}",
+            f"--trainer.callbacks+={recorder}", f"--trainer.callbacks.init_args.path={log}",
+            *(["--ckpt_path=last"] if resume else [])])
+
+    # One epoch is 5 steps (9 samples, batch 2, 2 workers); the split falls inside it.
+    whole = fit(tmp_path / "whole", tmp_path / "whole.jsonl", 5, resume=False)
+    # T5 and the VAE were never needed: the store carries every condition.
+    assert "text_encoder" not in whole.model.encoders.loaded_parts()
+    assert "vae" not in whole.model.encoders.loaded_parts()
+    fit(tmp_path / "split", tmp_path / "split.jsonl", 3, resume=False)
+    with _no_resumability_warning():
+        fit(tmp_path / "split", tmp_path / "split.jsonl", 5, resume=True)
+
+    def steps(log):
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+    whole_steps, split_steps = steps(tmp_path / "whole.jsonl"), steps(tmp_path / "split.jsonl")
+    assert [s["step"] for s in split_steps] == list(range(5))
+    assert split_steps == whole_steps
+    epoch_one = [i for s in whole_steps[:5] for i in s["ids"]]
+    assert sorted(epoch_one) == sorted([f"good{i}" for i in range(8)] + ["long"])
+
+    events = EventAccumulator(str(tmp_path / "split" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {f"data/skipped/{r}" for r in ("unreadable_video", "no_face", "source_changed")} <= set(tags)
+
+
+class _no_resumability_warning:
+    """Fails if Lightning warns that the dataloader cannot resume mid-epoch."""
+
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings(record=True)
+        self._caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        messages = [str(w.message) for w in self._caught]
+        assert not any("not resumable" in m for m in messages), messages
+        return False
+
+
+def _store_contents(store: Path) -> dict:
+    dataset = open_store_dataset(store, shuffle=False, seed=0, verify_sources=False)
+    contents = {}
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        contents[sample[keys.SAMPLE_ID]] = {k: v.float().sum().item() for k, v in sample.items()
+                                            if isinstance(v, torch.Tensor)}
+    return contents
+
+
+def test_killed_preprocess_continues_to_the_same_store(preprocessed, tiny_release, tmp_path):
+    folder, manifest, reference_store, _ = preprocessed
+    store = tmp_path / "store"
+    overrides = _overrides(tiny_release, manifest, store, tmp_path / "run", part_size=4)
+    command = [sys.executable, "-m", "echovideo", "preprocess", "--config", str(EXPERIMENT), *overrides]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    first_part = store / ".preprocess" / "parts" / "9x32x32" / "part-00000.json"
+    deadline = time.monotonic() + 240
+    while not first_part.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first_part.is_file(), "the first part never finished"
+    os.killpg(process.pid, signal.SIGKILL)  # the whole group: litdata's workers too
+    process.wait()
+    report = json.loads((store / REPORT_FILE).read_text()) if (store / REPORT_FILE).is_file() else None
+    assert report is None or not report["complete"]
+
+    resumed = PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides]).run_preprocess()
+    assert resumed.complete and resumed.written == {"9x32x32": 9}
+    assert _store_contents(store) == _store_contents(reference_store)
+    index = json.loads((store / "9x32x32" / "index.json").read_text())
+    listed = {chunk["filename"] for chunk in index["chunks"]}
+    on_disk = {p.name for p in (store / "9x32x32").iterdir() if p.name != "index.json"}
+    assert on_disk == listed  # no chunk left over from the killed part
+
+
+def test_store_from_another_manifest_is_refused(preprocessed, tiny_release, tmp_path):
+    folder, manifest, store, _ = preprocessed
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"video": str(folder / "clips" / "good0.mp4"), "caption": "x"}) + "\n")
+    overrides = _overrides(tiny_release, other, store, tmp_path / "run")
+    with pytest.raises(ValueError, match="different manifest"):
+        PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides]).run_preprocess()
