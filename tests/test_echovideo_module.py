@@ -120,3 +120,17 @@ def test_batches_of_only_unreadable_samples_are_skipped_and_counted(tiny_release
     assert fit.callback_metrics["data/skipped/no_face"] == 4
     assert fit.callback_metrics["data/skipped/video_too_short"] == 1
     assert fit.callback_metrics["data/skipped/unreadable_video"] == 0
+
+
+def test_random_recogniser_is_refused_beside_a_release_size_transformer():
+    import pytest
+
+    from lightning_modules.identity_check import refuse_random_identity_at_release_size
+    from lightning_modules.identity_encoder import TinyRandomRecognizer
+    from lightning_modules.tiny import tiny_transformer_config
+
+    release_size = {"num_attention_heads": 48, "attention_head_dim": 64}
+    with pytest.raises(ValueError, match="InsightFaceArcFace") as refused:
+        refuse_random_identity_at_release_size(TinyRandomRecognizer(), release_size)
+    assert "model.init_args.identity_encoder" in str(refused.value)
+    refuse_random_identity_at_release_size(TinyRandomRecognizer(), tiny_transformer_config())
