@@ -30,11 +30,13 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-ANTELOPE_SUBDIR = Path("models") / "antelopev2"
-DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
-RECOGNISER_FILE = "glintr100.onnx"
-RETINAFACE_FILE = "detection_Resnet50_Final.pth"
-PARSING_FILE = "parsing_bisenet.pth"
+from datamodules.face_pipeline import (  # the file names the real loaders look for
+    ANTELOPE_SUBDIR,
+    DETECTOR_FILE,
+    PARSING_FILE,
+    RECOGNISER_FILE,
+    RETINAFACE_FILE,
+)
 
 # insightface's ArcFace 112x112 template (eyes, nose, mouth corners), as fractions of the crop.
 _ARCFACE_TEMPLATE_112 = np.array(
