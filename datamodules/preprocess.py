@@ -77,9 +77,6 @@ class StoreSettings:
     face_size: int
     reference_frame: str
     seed: int
-    # Condition dropout in training replaces the caption with "" (the release's default
-    # negative prompt), so the store carries T5 of "".
-    negative_prompt: str = ""
 
 
 @dataclass
@@ -197,7 +194,9 @@ class EncodeSample:
         if path.is_file():
             return
         tensors = {
-            keys.TEXT_EMBEDS: self._encoders.encode_text([self.settings.negative_prompt]).cpu().contiguous(),
+            # Condition dropout in training replaces the caption with "" (as the release's
+            # unconditional branch does by default), so the store carries T5 of "".
+            keys.TEXT_EMBEDS: self._encoders.encode_text([""]).cpu().contiguous(),
             keys.SIGLIP_TOKENS: self._encoders.unconditional_siglip_tokens(1).cpu().contiguous(),
         }
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -332,8 +331,7 @@ def preprocess(
 
     by_bucket, probe_skips = assign_buckets(entries, settings.buckets, settings.frame_stride)
     report.skipped_samples += probe_skips
-    parts = {name: [chunk for chunk in (bucket_entries[i:i + part_size]
-                                        for i in range(0, len(bucket_entries), part_size))]
+    parts = {name: [bucket_entries[i:i + part_size] for i in range(0, len(bucket_entries), part_size)]
              for name, bucket_entries in by_bucket.items()}
     digest = _plan_digest(settings, parts)
     work = store / WORK_DIR

@@ -50,23 +50,6 @@ class UnreadableSampleWarning(UserWarning):
     """Emitted once per file when a sample is skipped; filter on this to silence it."""
 
 
-def decode_video_frames(
-    path: str | Path,
-    num_frames: int,
-    frame_stride: int = 1,
-    start_frame: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Decode frames start, start + stride, ... (num_frames of them) as F x H x W x 3 uint8.
-
-    `start_frame=None` draws a start uniformly from every start that fits, using
-    `generator` (the global torch RNG when None). Decoding stops at the last frame needed.
-    Raises VideoTooShortError when the clip is too short, SampleReadError when it cannot
-    be opened or decoded.
-    """
-    return decode_clip(path, num_frames, frame_stride, start_frame, generator)[0]
-
-
 def decode_clip(
     path: str | Path,
     num_frames: int,
@@ -75,7 +58,13 @@ def decode_clip(
     generator: torch.Generator | None = None,
     reference_frame: str | None = None,
 ) -> tuple[torch.Tensor, np.ndarray | None]:
-    """`decode_video_frames`, plus one more frame to take a reference face from.
+    """Decode frames start, start + stride, ... (num_frames of them) as F x H x W x 3 uint8,
+    and optionally one more frame to take a reference face from.
+
+    `start_frame=None` draws a start uniformly from every start that fits, using
+    `generator` (the global torch RNG when None). Decoding stops at the last frame needed.
+    Raises VideoTooShortError when the clip is too short, SampleReadError when it cannot
+    be opened or decoded.
 
     `reference_frame="inside_window"` returns the middle frame of the training window;
     `"outside_window"` the clip frame farthest from the window (peers report that a face

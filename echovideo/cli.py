@@ -6,7 +6,9 @@ and are parsed in omegaconf mode, so a YAML can interpolate its own values
 the run's ModelCheckpoint directory.
 """
 
+import json
 import os
+import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -78,9 +80,12 @@ class PreprocessCLI(EchoVideoCLI):
         return None
 
     def run_preprocess(self):
+        # Imported here: fit/validate/predict need none of the preprocessing machinery.
         import torch
 
         from datamodules.preprocess import EncoderSpec, StoreSettings, preprocess
+        from lightning_modules.identity_check import refuse_random_identity_at_release_size
+        from lightning_modules.release_layout import check_release_folder
 
         data, model = self.datamodule, self.model
         options = self.config["preprocess"]
@@ -88,13 +93,10 @@ class PreprocessCLI(EchoVideoCLI):
             raise ValueError("preprocess needs data.train_manifest (in) and data.feature_store (out); "
                              "set both in the experiment or with --data.init_args.<key>")
         hp = model.hparams
-        from lightning_modules.identity_check import refuse_random_identity_at_release_size
-        from lightning_modules.release_layout import check_release_folder
-        import json
-
-        transformer_config = check_release_folder(hp.pretrained_path, ["transformer"]) / "transformer" / "config.json"
-        if data.face_models is None:
-            refuse_random_identity_at_release_size(model._identity_encoder, json.loads(transformer_config.read_text()))
+        if data.face_models is None:  # with face models, ArcFace comes from insightface
+            transformer = check_release_folder(hp.pretrained_path, ["transformer"]) / "transformer"
+            config = json.loads((transformer / "config.json").read_text())
+            refuse_random_identity_at_release_size(model._identity_encoder, config)
         num_workers = options.num_workers or max(1, torch.cuda.device_count())
         report = preprocess(
             data.train_manifest,
@@ -114,8 +116,6 @@ class PreprocessCLI(EchoVideoCLI):
 
 
 def main(args=None) -> None:
-    import sys
-
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["preprocess"]:
         PreprocessCLI(args=argv[1:]).run_preprocess()

@@ -89,6 +89,8 @@ class EchoVideoModule(pl.LightningModule):
         self.face_latent_keep_prob = 1.0
         # This rank's running counts of DATA_COUNTERS; logged summed over ranks.
         self.data_counts = torch.zeros(len(DATA_COUNTERS), dtype=torch.float64)
+        # The last all-rank totals: what a checkpoint keeps (its hooks must not reduce).
+        self.data_totals = self.data_counts.clone()
         self._unconditional: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- building
@@ -287,11 +289,10 @@ class EchoVideoModule(pl.LightningModule):
         totals = self.trainer.strategy.reduce(self.data_counts.clone(), reduce_op="sum")
         for name, total in zip(DATA_COUNTERS, totals.tolist()):
             self.log(f"data/{name}", float(total), on_step=True, on_epoch=False, rank_zero_only=True)
-        self._data_totals = totals
+        self.data_totals = totals
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        totals = getattr(self, "_data_totals", self.data_counts)
-        checkpoint["data_counts"] = dict(zip(DATA_COUNTERS, totals.tolist()))
+        checkpoint["data_counts"] = dict(zip(DATA_COUNTERS, self.data_totals.tolist()))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The saved totals are the whole run's; rank 0 carries them on so sums stay right.

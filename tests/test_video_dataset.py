@@ -14,7 +14,7 @@ from datamodules.video_dataset import (
     VideoFaceDataset,
     VideoTooShortError,
     collate_skipping_unreadable,
-    decode_video_frames,
+    decode_clip,
     resize_and_center_crop,
 )
 from helpers_video import GRAY_STEP, frame_indices, write_face_png, write_gray_ramp_video, write_manifest
@@ -48,7 +48,7 @@ def make_dataset(entries, **overrides):
 
 
 def test_decode_picks_frames_stride_apart(files):
-    frames = decode_video_frames(files["video"], num_frames=4, frame_stride=3, start_frame=2)
+    frames = decode_clip(files["video"], num_frames=4, frame_stride=3, start_frame=2)[0]
     assert frames.dtype == torch.uint8 and frames.shape == (4, 32, 48, 3)
     assert frame_indices(frames.numpy()) == [2, 5, 8, 11]
 
@@ -56,10 +56,10 @@ def test_decode_picks_frames_stride_apart(files):
 def test_random_start_is_valid_and_follows_the_generator(files):
     starts = []
     for seed in range(8):
-        frames = decode_video_frames(files["video"], 5, 4, generator=torch.Generator().manual_seed(seed))
+        frames = decode_clip(files["video"], 5, 4, generator=torch.Generator().manual_seed(seed))[0]
         indices = frame_indices(frames.numpy())
         assert np.diff(indices).tolist() == [4] * 4 and indices[-1] < NUM_VIDEO_FRAMES
-        again = decode_video_frames(files["video"], 5, 4, generator=torch.Generator().manual_seed(seed))
+        again = decode_clip(files["video"], 5, 4, generator=torch.Generator().manual_seed(seed))[0]
         assert torch.equal(frames, again)
         starts.append(indices[0])
     assert len(set(starts)) > 1  # 4 valid starts, 8 seeds
@@ -73,7 +73,7 @@ def test_random_start_in_a_container_without_frame_count(files):
     starts = set()
     for seed in range(6):
         generator = torch.Generator().manual_seed(seed)
-        indices = frame_indices(decode_video_frames(mkv, 4, 5, generator=generator).numpy())
+        indices = frame_indices(decode_clip(mkv, 4, 5, generator=generator)[0].numpy())
         assert indices == list(range(indices[0], indices[0] + 16, 5)) and indices[-1] < NUM_VIDEO_FRAMES
         starts.add(indices[0])
     assert len(starts) > 1
@@ -81,12 +81,27 @@ def test_random_start_in_a_container_without_frame_count(files):
 
 def test_too_short_video_raises(files):
     with pytest.raises(VideoTooShortError, match="needs? 22"):
-        decode_video_frames(files["video"], num_frames=8, frame_stride=3)
+        decode_clip(files["video"], num_frames=8, frame_stride=3)
     with pytest.raises(VideoTooShortError):
-        decode_video_frames(files["video"], num_frames=4, frame_stride=3, start_frame=15)
+        decode_clip(files["video"], num_frames=4, frame_stride=3, start_frame=15)
     assert issubclass(VideoTooShortError, SampleReadError)
     with pytest.raises(SampleReadError):
-        decode_video_frames(files["corrupt"], num_frames=1)
+        decode_clip(files["corrupt"], num_frames=1)
+
+
+def test_reference_frame_inside_or_outside_the_window(files):
+    def reference(start, num_frames, where, stride=3):
+        frames, frame = decode_clip(files["video"], num_frames, stride, start_frame=start, reference_frame=where)
+        assert len(frames) == num_frames
+        return frame_indices(frame[None])[0]
+
+    assert reference(2, 4, "inside_window") == 8  # window 2, 5, 8, 11: its middle
+    # Window 2..11 of frames 0..NUM_VIDEO_FRAMES-1: the far side of the clip is after it.
+    assert reference(2, 4, "outside_window") == NUM_VIDEO_FRAMES - 1
+    assert reference(NUM_VIDEO_FRAMES - 10, 4, "outside_window") == 0
+    # A window over the whole clip leaves no frame outside it: its middle is used.
+    assert reference(0, NUM_VIDEO_FRAMES, "outside_window", stride=1) == NUM_VIDEO_FRAMES // 2
+    assert decode_clip(files["video"], 4, 3, start_frame=2)[1] is None
 
 
 def test_resize_and_center_crop():
