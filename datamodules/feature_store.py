@@ -198,6 +198,35 @@ def open_store_dataset(store: str | Path, shuffle: bool, seed: int, verify_sourc
     return CombinedStreamingDataset(streams, seed=seed, iterate_over_all=True, batching_method="per_stream")
 
 
+def store_loader(dataset, batch_size: int, num_workers: int, collate_fn):
+    """litdata's StreamingDataLoader, made to resume correctly under Lightning.
+
+    After `load_state_dict`, litdata replays from the saved position on every `iter()`
+    until one iteration runs to StopIteration. Lightning ends an epoch after `len(loader)`
+    batches without that last `next()`, so the epoch after a resume would replay the
+    resumed epoch's tail instead of starting a fresh shuffle. Here exactly the first
+    iteration after a load replays; every later one is a new epoch.
+    """
+    from litdata import StreamingDataLoader
+
+    class ResumableStreamingDataLoader(StreamingDataLoader):
+        _replay_pending = False
+
+        def load_state_dict(self, state: dict) -> None:
+            super().load_state_dict(state)
+            self._replay_pending = True
+
+        def __iter__(self):
+            if self._replay_pending:
+                self._replay_pending = False
+            else:
+                self.restore = False
+            return super().__iter__()
+
+    return ResumableStreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                        collate_fn=collate_fn, pin_memory=torch.cuda.is_available())
+
+
 def load_unconditional(store: str | Path) -> dict[str, torch.Tensor]:
     """The store's unconditional features (batch keys `text_embeds`, `siglip_tokens`), batch of 1."""
     from safetensors.torch import load_file

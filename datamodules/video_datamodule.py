@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.feature_store import Bucket, load_unconditional, open_store_dataset, read_store_meta
+from datamodules.feature_store import Bucket, load_unconditional, open_store_dataset, read_store_meta, store_loader
 from datamodules.manifest import ManifestEntry, ManifestError, check_manifest, format_problem
 from datamodules.video_dataset import REFERENCE_FRAMES, VideoFaceDataset, collate_skipping_unreadable
 
@@ -149,17 +149,9 @@ class VideoFaceDataModule(L.LightningDataModule):
         """litdata's loader over the store: its `state_dict` is the exact position in the
         epoch (per worker), which Lightning stores in every checkpoint and hands back on
         resume, so the run continues at the next unseen sample."""
-        from litdata import StreamingDataLoader
-
         dataset = open_store_dataset(self.feature_store, shuffle=True, seed=self.seed,
                                      verify_sources=self.verify_sources)
-        return StreamingDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            collate_fn=collate_skipping_unreadable,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return store_loader(dataset, self.batch_size, self.num_workers, collate_skipping_unreadable)
 
     def unconditional_features(self) -> dict[str, torch.Tensor] | None:
         """T5 of the negative prompt and SigLIP of a black face, when the store carries them."""

@@ -154,25 +154,28 @@ def test_fit_from_store_resumes_at_the_exact_next_sample(preprocessed, tiny_rele
             f"--trainer.callbacks+={recorder}", f"--trainer.callbacks.init_args.path={log}",
             *(["--ckpt_path=last"] if resume else [])])
 
-    # One epoch is 5 steps (9 samples, batch 2, 2 workers); the split falls inside it.
-    whole = fit(tmp_path / "whole", tmp_path / "whole.jsonl", 5, resume=False)
+    # One epoch is 5 steps (9 samples, batch 2, 2 workers): the split falls inside the
+    # first epoch and the run goes on into the second.
+    whole = fit(tmp_path / "whole", tmp_path / "whole.jsonl", 8, resume=False)
     # T5 and the VAE were never needed: the store carries every condition.
     assert "text_encoder" not in whole.model.encoders.loaded_parts()
     assert "vae" not in whole.model.encoders.loaded_parts()
     fit(tmp_path / "split", tmp_path / "split.jsonl", 3, resume=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(tmp_path / "split", tmp_path / "split.jsonl", 5, resume=True)
+        fit(tmp_path / "split", tmp_path / "split.jsonl", 8, resume=True)
     assert not any("not resumable" in str(w.message) for w in caught)  # Lightning's mid-epoch warning
 
     def steps(log):
         return [json.loads(line) for line in log.read_text().splitlines()]
 
     whole_steps, split_steps = steps(tmp_path / "whole.jsonl"), steps(tmp_path / "split.jsonl")
-    assert [s["step"] for s in split_steps] == list(range(5))
+    assert [s["step"] for s in split_steps] == list(range(8))
     assert split_steps == whole_steps
-    epoch_one = [i for s in whole_steps[:5] for i in s["ids"]]
-    assert sorted(epoch_one) == sorted([f"good{i}" for i in range(8)] + ["long"])
+    every_sample = sorted([f"good{i}" for i in range(8)] + ["long"])
+    assert sorted(i for s in whole_steps[:5] for i in s["ids"]) == every_sample
+    epoch_two = [i for s in whole_steps[5:] for i in s["ids"]]
+    assert len(epoch_two) == len(set(epoch_two)) == 6  # a fresh pass, not a replay
 
     events = EventAccumulator(str(tmp_path / "split" / "tensorboard"))
     events.Reload()
