@@ -151,17 +151,10 @@ class FaceExtractor:
             )
         self.template = FACE_TEMPLATE_512 * (self.face_size / 512.0)
         self._versions: dict | None = None
-        self._drop_models()
-
-    def _drop_models(self) -> None:
-        self._app = None
-        self._retinaface = None
-        self._parser = None
+        self._app = self._retinaface = self._parser = None  # loaded per process, on first use
 
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state.update(_app=None, _retinaface=None, _parser=None)
-        return state
+        return {**self.__dict__, "_app": None, "_retinaface": None, "_parser": None}
 
     @property
     def _use_cuda(self) -> bool:
@@ -181,7 +174,10 @@ class FaceExtractor:
 
         use_cuda_onnx = self._use_cuda and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda_onnx else ["CPUExecutionProvider"]
-        app = FaceAnalysis(name="antelopev2", root=str(self.model_root), providers=providers)
+        # The release's antelopev2 folder also holds landmark and gender/age models; the kit
+        # needs only detection and recognition, so the others are never loaded or run.
+        app = FaceAnalysis(name="antelopev2", root=str(self.model_root), providers=providers,
+                           allowed_modules=["detection", "recognition"])
         app.prepare(ctx_id=0 if use_cuda_onnx else -1, det_size=(self.det_size, self.det_size))
         if "recognition" not in app.models:
             raise RuntimeError(f"{self.recogniser_path} was not recognised by insightface as a face recogniser")

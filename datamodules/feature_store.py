@@ -8,8 +8,9 @@ epoch, so `echovideo preprocess` does it once and training streams the results. 
       unconditional.safetensors  T5 of the negative prompt and SigLIP of a black face, so
                                  condition dropout needs neither T5 nor SigLIP in training
       report.json                the last preprocess report
-      <F>x<H>x<W>/               one litdata optimized dataset per bucket (index.json and
-                                 chunk files), readable from local disk or object storage
+      <F>x<H>x<W>/node-<r>-of-<n>/  one litdata optimized dataset per bucket and preprocessing
+                                 node (index.json and chunk files), readable from local
+                                 disk or object storage
       .preprocess/               resume bookkeeping of `echovideo preprocess`
 
 Per sample (one record of a bucket):
@@ -99,6 +100,11 @@ def as_stored_bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.int16)
 
 
+def shard_name(node_rank: int, num_nodes: int) -> str:
+    """The folder one preprocessing node writes in each bucket."""
+    return f"node-{node_rank:03d}-of-{num_nodes:03d}"
+
+
 def source_fingerprint(path: Path) -> list:
     """What tells a changed source file: its path, size and modification time."""
     stat = os.stat(path)
@@ -173,10 +179,10 @@ def _streaming_dataset_class():
 
 def open_store_dataset(store: str | Path, shuffle: bool, seed: int, verify_sources: bool = True,
                        drop_last: bool | None = None):
-    """A streaming dataset over every bucket of `store`, one stream per bucket.
+    """A streaming dataset over every bucket of `store`: one stream per bucket and node shard.
 
-    Several buckets are combined with litdata's per-stream batching, so one batch always
-    comes from one bucket (one shape) while the buckets interleave over the epoch. litdata
+    Several streams are combined with litdata's per-stream batching, so one batch always
+    comes from one stream (one shape) while the streams interleave over the epoch. litdata
     shards the samples over ranks, nodes and loader workers itself.
     """
     from litdata import CombinedStreamingDataset
@@ -185,8 +191,8 @@ def open_store_dataset(store: str | Path, shuffle: bool, seed: int, verify_sourc
     meta = read_store_meta(store)
     dataset_class = _streaming_dataset_class()
     streams = []
-    for name in meta["buckets"]:
-        bucket_dir = store / name
+    shards = [shard_name(rank, meta["num_nodes"]) for rank in range(meta["num_nodes"])]
+    for bucket_dir in (store / name / shard for name in meta["buckets"] for shard in shards):
         if not (bucket_dir / "index.json").is_file():
             continue  # a bucket no sample landed in
         streams.append(dataset_class(str(bucket_dir), verify_sources=verify_sources, shuffle=shuffle,

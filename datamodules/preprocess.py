@@ -1,11 +1,12 @@
 """`echovideo preprocess`: a manifest in, a feature store (datamodules/feature_store.py) out.
 
 The engine is litdata's `optimize`: it runs the encoding function in worker processes
-(one per GPU; litdata hands each worker its `cuda:<i>`), writes the chunked streaming
-format, and spreads the work over several machines when every node runs the same command
-with litdata's node settings (`DATA_OPTIMIZER_NUM_NODES`, `DATA_OPTIMIZER_NODE_RANK`) on
-shared storage. It was chosen over Lightning's predict loop because it already writes the
-format training streams, with chunking, object-storage upload and per-node merging.
+(one per GPU; litdata hands each worker its `cuda:<i>`) and writes the chunked streaming
+format training reads. It was chosen over Lightning's predict loop because it already
+writes that format, with chunking and object-storage upload. Several machines share the
+work by node rank: node r takes every n-th valid sample and writes its own shard of each
+bucket (litdata's own multi-node mode runs only on its hosted platform), so nodes never
+write the same files and each resumes on its own.
 
 Resuming: each bucket's samples are cut, in manifest order, into parts of `part_size`,
 and every part is one `optimize` call that appends to the bucket's dataset. litdata
@@ -51,6 +52,7 @@ from datamodules.feature_store import (
     WORK_DIR,
     Bucket,
     FeatureStoreError,
+    shard_name,
     as_stored_bits,
     encode_png,
     source_fingerprint,
@@ -314,16 +316,26 @@ def preprocess(
     part_size: int = 2048,
     chunk_bytes: str = "256MB",
     overwrite: bool = False,
+    num_nodes: int = 1,
+    node_rank: int = 0,
 ) -> PreprocessReport:
     """Encode every usable sample of `manifest` into `store`; return (and write) the report.
 
     Re-running with the same manifest and settings continues where an interrupted run
     stopped; different ones are refused unless `overwrite`, which starts the store anew.
+    With `num_nodes` > 1, every node runs this with its own `node_rank` on shared storage:
+    node r encodes the valid samples r, r + num_nodes, ... into its own shard of each
+    bucket, and the last node to finish writes the complete report.
     """
     from litdata import optimize
 
+    if not 0 <= node_rank < num_nodes:
+        raise ValueError(f"node_rank must be in [0, num_nodes), got {node_rank} of {num_nodes}")
     store, manifest = Path(store).absolute(), Path(manifest)
+    shard = shard_name(node_rank, num_nodes)
     entries, problems = check_manifest(manifest, require_video=True)
+    entries = entries[node_rank::num_nodes]
+    problems = problems if node_rank == 0 else []  # reported once, by node 0
     report = PreprocessReport(manifest=str(manifest), store=str(store),
                               samples_in_manifest=len(entries) + len(problems))
     for problem in problems:
@@ -333,10 +345,8 @@ def preprocess(
     report.skipped_samples += probe_skips
     parts = {name: [bucket_entries[i:i + part_size] for i in range(0, len(bucket_entries), part_size)]
              for name, bucket_entries in by_bucket.items()}
-    digest = _plan_digest(settings, parts)
-    work = store / WORK_DIR
-    _prepare_store(store, work, digest, overwrite)
-    meta = _write_store_meta(store, settings, encoders)
+    work = store / WORK_DIR / shard
+    meta = _prepare_store(store, work, settings, encoders, num_nodes, _plan_digest(settings, parts), overwrite)
     report.encoders = meta["encoders"]
     report.face_pipeline = "insightface antelopev2 + facexlib" if encoders.face_models else \
         "none: face images are used as aligned crops, identity from the model's identity encoder"
@@ -346,48 +356,87 @@ def preprocess(
     started, done_clips, todo_clips = time.monotonic(), 0, sum(len(e) for e in by_bucket.values())
     for name, bucket_parts in parts.items():
         bucket = next(b for b in settings.buckets if b.name == name)
-        bucket_dir = store / name
         for part_index, part in enumerate(bucket_parts):
             summary_path = work / "parts" / name / f"part-{part_index:05d}.json"
             if not summary_path.is_file():
-                _run_part(optimize, part, bucket, bucket_dir, summary_path, settings, encoders,
-                          num_workers, chunk_bytes)
+                _run_part(optimize, part, bucket, store, store / name / shard, summary_path, settings,
+                          encoders, num_workers, chunk_bytes)
             done_clips += len(part)
             report.parts_done += 1
             _print_overall_progress(report, done_clips, todo_clips, started)
     _fill_report_from_parts(report, work, parts)
     report.complete = report.parts_done == report.parts_total
-    if report.complete and sum(report.written.values()) and not (store / UNCONDITIONAL_FILE).is_file():
+    write_text_atomically(work / REPORT_FILE, json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
+    merged = _merge_node_reports(store, num_nodes)
+    if merged.complete and sum(merged.written.values()) and not (store / UNCONDITIONAL_FILE).is_file():
         raise FeatureStoreError(f"{store / UNCONDITIONAL_FILE}: not written by the workers")
-    write_text_atomically(store / REPORT_FILE, json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
-    return report
+    write_text_atomically(store / REPORT_FILE, json.dumps(asdict(merged), indent=2, ensure_ascii=False) + "\n")
+    return merged
 
 
-def _prepare_store(store: Path, work: Path, digest: str, overwrite: bool) -> None:
-    plan_file = work / "plan.json"
+def _prepare_store(store: Path, work: Path, settings: StoreSettings, encoders: EncoderSpec, num_nodes: int,
+                   digest: str, overwrite: bool) -> dict:
+    """Check that `store` may be (re)started with these settings; write store.json; return it."""
     if overwrite and store.exists():
-        shutil.rmtree(store)
-    if plan_file.is_file():
-        previous = json.loads(plan_file.read_text())["digest"]
-        if previous != digest:
+        if num_nodes > 1:
             raise FeatureStoreError(
-                f"{store}: this store was started from a different manifest or different settings "
-                f"({plan_file} records another plan); resume it with the same manifest and experiment, "
-                "or write to a new `data.feature_store`, or pass --overwrite to start it anew")
-    elif store.exists() and any(p.name != WORK_DIR for p in store.iterdir()):
+                f"{store}: --preprocess.overwrite with {num_nodes} nodes would have each node delete what "
+                "the others write; delete the folder once, then start every node without --overwrite")
+        shutil.rmtree(store)
+    meta = _store_meta(settings, encoders, num_nodes)
+    meta_path = store / STORE_META
+    if store.exists() and any(store.iterdir()):
+        if not meta_path.is_file():
+            raise FeatureStoreError(
+                f"{store}: exists and is not a feature store; choose an empty folder for "
+                "`data.feature_store` or pass --preprocess.overwrite true")
+        previous = json.loads(meta_path.read_text(encoding="utf-8"))
+        for key in ("settings", "num_nodes"):
+            if previous.get(key) != meta[key]:
+                raise FeatureStoreError(
+                    f"{meta_path}: field '{key}' is {previous.get(key)!r}, this run has {meta[key]!r}; "
+                    "resume with the same experiment settings and node count, write to a new "
+                    "`data.feature_store`, or pass --preprocess.overwrite true to start anew")
+    plan_file = work / "plan.json"
+    if plan_file.is_file() and json.loads(plan_file.read_text())["digest"] != digest:
         raise FeatureStoreError(
-            f"{store}: exists and is not a store this command started; choose an empty folder for "
-            "`data.feature_store` or pass --overwrite")
+            f"{store}: this store was started from a different manifest ({plan_file} records another "
+            "plan); resume it with the same manifest, write to a new `data.feature_store`, or pass "
+            "--preprocess.overwrite true to start it anew")
     work.mkdir(parents=True, exist_ok=True)
     write_text_atomically(plan_file, json.dumps({"digest": digest}) + "\n")
+    write_text_atomically(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    return meta
 
 
-def _run_part(optimize, part, bucket, bucket_dir: Path, summary_path: Path, settings, encoders,
+def _merge_node_reports(store: Path, num_nodes: int) -> PreprocessReport:
+    """One report over every node's shard; complete once every node has finished."""
+    reports = []
+    for rank in range(num_nodes):
+        path = store / WORK_DIR / shard_name(rank, num_nodes) / REPORT_FILE
+        if path.is_file():
+            reports.append(PreprocessReport(**json.loads(path.read_text(encoding="utf-8"))))
+    merged = PreprocessReport(**{**asdict(reports[0]), "written": {}, "skipped": {}, "skipped_samples": [],
+                                 "samples_in_manifest": 0, "captions_truncated": 0, "parts_done": 0,
+                                 "parts_total": 0})
+    for report in reports:
+        for bucket, count in report.written.items():
+            merged.written[bucket] = merged.written.get(bucket, 0) + count
+        merged.skipped_samples += report.skipped_samples
+        for field_name in ("samples_in_manifest", "captions_truncated", "parts_done", "parts_total"):
+            setattr(merged, field_name, getattr(merged, field_name) + getattr(report, field_name))
+    counts = Counter(s["reason"] for s in merged.skipped_samples)
+    merged.skipped = {reason: counts[reason] for reason in SKIP_REASONS if counts[reason]}
+    merged.complete = len(reports) == num_nodes and all(r.complete for r in reports)
+    return merged
+
+
+def _run_part(optimize, part, bucket, store: Path, bucket_dir: Path, summary_path: Path, settings, encoders,
               num_workers: int, chunk_bytes: str) -> None:
     log_dir = summary_path.with_suffix("")
     shutil.rmtree(log_dir, ignore_errors=True)  # a part cut short is redone from its start
     _remove_unlisted_chunks(bucket_dir)
-    function = EncodeSample(part, bucket, settings, encoders, bucket_dir.parent, log_dir)
+    function = EncodeSample(part, bucket, settings, encoders, store, log_dir)
     append = (bucket_dir / "index.json").is_file()
     optimize(
         fn=function,
@@ -461,16 +510,15 @@ def _print_overall_progress(report: PreprocessReport, done: int, total: int, sta
           f"{rate:.2f} clips/s, ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
 
 
-def _write_store_meta(store: Path, settings: StoreSettings, encoders: EncoderSpec) -> dict:
-    meta = {
+def _store_meta(settings: StoreSettings, encoders: EncoderSpec, num_nodes: int) -> dict:
+    return {
         "format": STORE_FORMAT,
         "buckets": [bucket.name for bucket in settings.buckets],
+        "num_nodes": num_nodes,
         "settings": {**asdict(settings), "buckets": [bucket.name for bucket in settings.buckets]},
         "dtype": str(STORE_DTYPE).removeprefix("torch."),
         "encoders": encoder_versions(encoders),
     }
-    write_text_atomically(store / STORE_META, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    return meta
 
 
 def encoder_versions(encoders: EncoderSpec) -> dict:

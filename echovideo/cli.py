@@ -75,6 +75,10 @@ class PreprocessCLI(EchoVideoCLI):
                             help="size of the store's chunk files")
         parser.add_argument("--preprocess.overwrite", type=bool, default=False,
                             help="delete an existing store and start anew")
+        parser.add_argument("--preprocess.num_nodes", type=int, default=None,
+                            help="machines sharing the work (default: $SLURM_NNODES, else 1)")
+        parser.add_argument("--preprocess.node_rank", type=int, default=None,
+                            help="this machine's index (default: $SLURM_NODEID, else 0)")
 
     def instantiate_trainer(self, **kwargs):
         return None
@@ -110,6 +114,8 @@ class PreprocessCLI(EchoVideoCLI):
             part_size=options.part_size,
             chunk_bytes=options.chunk_bytes,
             overwrite=options.overwrite,
+            num_nodes=options.num_nodes or int(os.environ.get("SLURM_NNODES", 1)),
+            node_rank=options.node_rank if options.node_rank is not None else int(os.environ.get("SLURM_NODEID", 0)),
         )
         print(report.summary())
         return report

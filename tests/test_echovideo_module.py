@@ -2,11 +2,10 @@
 
 import torch
 
-from datamodules.skip_reasons import NO_FACE, SKIP_REASONS, VIDEO_TOO_SHORT
-
 from datamodules import batch as keys
+from datamodules.skip_reasons import NO_FACE, SKIP_REASONS, VIDEO_TOO_SHORT
 from lightning_modules.batch_features import encode_batch_features
-from lightning_modules.echovideo_module import IITF_PARTS
+from lightning_modules.echovideo_module import DATA_COUNTERS, IITF_PARTS
 from module_helpers import ModelInputRecorder, build_module, loader, trainer
 
 
@@ -98,9 +97,8 @@ def test_face_latent_keep_probability_masks_the_face_channels(tiny_release, raw_
     assert recorder.calls[-1]["noisy_sum"] == recorder.calls[-2]["noisy_sum"]
 
 
-def test_batches_of_only_unreadable_samples_are_skipped_and_counted(tiny_release, raw_batch, tmp_path):
-    module = build_module(tiny_release)
-    recorder = ModelInputRecorder(module)
+def _batches_with_skips(raw_batch) -> torch.utils.data.DataLoader:
+    """2 + 2 samples skipped for want of a face (whole batches), 1 too short beside good ones."""
     counts = torch.zeros(len(SKIP_REASONS), dtype=torch.int64)
     empty = {keys.SKIPPED: counts.clone().index_fill_(0, torch.tensor([SKIP_REASONS.index(NO_FACE)]), 2)}
     partial = dict(raw_batch, **{keys.SKIPPED: counts.clone().index_fill_(
@@ -114,12 +112,34 @@ def test_batches_of_only_unreadable_samples_are_skipped_and_counted(tiny_release
         def __getitem__(self, i):
             return batches[i]
 
+    return torch.utils.data.DataLoader(Batches(), batch_size=None)
+
+
+def test_batches_of_only_unreadable_samples_are_skipped_and_counted(tiny_release, raw_batch, tmp_path):
+    module = build_module(tiny_release)
+    recorder = ModelInputRecorder(module)
     fit = trainer(tmp_path, max_epochs=1)
-    fit.fit(module, torch.utils.data.DataLoader(Batches(), batch_size=None))
+    fit.fit(module, _batches_with_skips(raw_batch))
     assert len(recorder.calls) == 1  # only the batch with readable samples reached the model
     assert fit.callback_metrics["data/skipped/no_face"] == 4
     assert fit.callback_metrics["data/skipped/video_too_short"] == 1
     assert fit.callback_metrics["data/skipped/unreadable_video"] == 0
+
+
+def test_skip_counts_are_logged_summed_over_ranks(tiny_release, raw_batch, tmp_path, monkeypatch):
+    module = build_module(tiny_release)
+    fit = trainer(tmp_path, max_epochs=1)
+    # Two ranks that skipped alike: the strategy's sum over ranks doubles every count.
+    monkeypatch.setattr(fit.strategy, "reduce", lambda tensor, *args, **kwargs: tensor * 2)
+    fit.fit(module, _batches_with_skips(raw_batch))
+    assert fit.callback_metrics["data/skipped/no_face"] == 8
+    assert fit.callback_metrics["data/skipped/video_too_short"] == 2
+    # A checkpoint keeps the run's totals; on resume rank 0 carries them on, other ranks start at 0.
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["data_counts"]["skipped/no_face"] == 8
+    module.on_load_checkpoint(checkpoint)
+    assert module.data_counts[DATA_COUNTERS.index("skipped/no_face")] == 8
 
 
 def test_random_recogniser_is_refused_beside_a_release_size_transformer():

@@ -184,10 +184,8 @@ def test_fit_from_store_resumes_at_the_exact_next_sample(preprocessed, tiny_rele
 
 
 def _store_contents(store: Path) -> dict:
-    dataset = open_store_dataset(store, shuffle=False, seed=0, verify_sources=False)
     contents = {}
-    for index in range(len(dataset)):
-        sample = dataset[index]
+    for sample in open_store_dataset(store, shuffle=False, seed=0, verify_sources=False):
         contents[sample[keys.SAMPLE_ID]] = {k: v.float().sum().item() for k, v in sample.items()
                                             if isinstance(v, torch.Tensor)}
     return contents
@@ -200,7 +198,7 @@ def test_killed_preprocess_continues_to_the_same_store(preprocessed, tiny_releas
     command = [sys.executable, "-m", "echovideo", "preprocess", "--config", str(EXPERIMENT), *overrides]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-    first_part = store / ".preprocess" / "parts" / "9x32x32" / "part-00000.json"
+    first_part = store / ".preprocess" / "node-000-of-001" / "parts" / "9x32x32" / "part-00000.json"
     deadline = time.monotonic() + 240
     while not first_part.is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -212,10 +210,11 @@ def test_killed_preprocess_continues_to_the_same_store(preprocessed, tiny_releas
 
     resumed = PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides]).run_preprocess()
     assert resumed.complete and resumed.written == {"9x32x32": 9}
-    assert _store_contents(store) == _store_contents(reference_store)
-    index = json.loads((store / "9x32x32" / "index.json").read_text())
-    listed = {chunk["filename"] for chunk in index["chunks"]}
-    on_disk = {p.name for p in (store / "9x32x32").iterdir() if p.name != "index.json"}
+    contents = _store_contents(store)
+    assert len(contents) == 9 and contents == _store_contents(reference_store)
+    bucket = store / "9x32x32" / "node-000-of-001"
+    listed = {chunk["filename"] for chunk in json.loads((bucket / "index.json").read_text())["chunks"]}
+    on_disk = {p.name for p in bucket.iterdir() if p.name != "index.json"}
     assert on_disk == listed  # no chunk left over from the killed part
 
 
@@ -226,3 +225,26 @@ def test_store_from_another_manifest_is_refused(preprocessed, tiny_release, tmp_
     overrides = _overrides(tiny_release, other, store, tmp_path / "run")
     with pytest.raises(ValueError, match="different manifest"):
         PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides]).run_preprocess()
+
+
+def test_two_nodes_each_write_a_shard_and_together_the_whole_store(preprocessed, tiny_release, tmp_path):
+    folder, manifest, reference_store, reference = preprocessed
+    store = tmp_path / "store"
+    overrides = _overrides(tiny_release, manifest, store, tmp_path / "run", part_size=8)
+
+    def node(rank: int, *extra: str):
+        return PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides, "--preprocess.num_nodes=2",
+                                   f"--preprocess.node_rank={rank}", *extra]).run_preprocess()
+
+    first = node(1)
+    # Node 1 takes manifest entries 1, 3, 5, ...: good1, good3, good5, good7, empty, bad_photo.
+    assert not first.complete and first.written == {"9x32x32": 4}
+    both = node(0)
+    assert both.complete
+    assert both.written == reference.written and both.skipped == reference.skipped
+    assert both.captions_truncated == reference.captions_truncated
+    assert json.loads((store / REPORT_FILE).read_text())["complete"]
+    contents = _store_contents(store)
+    assert len(contents) == 9 and contents == _store_contents(reference_store)
+    with pytest.raises(ValueError, match="overwrite with 2 nodes"):
+        node(0, "--preprocess.overwrite=true")
