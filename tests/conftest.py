@@ -18,6 +18,15 @@ def tiny_release(tmp_path_factory):
     return write_tiny_release(tmp_path_factory.mktemp("release") / "echovideo-tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def face_root(tmp_path_factory):
+    """Tiny face models in the release's face_encoder/ layout: detector, recogniser,
+    RetinaFace that never finds a face, BiSeNet (see lightning_modules/tiny_face_models.py)."""
+    from lightning_modules.tiny_face_models import write_tiny_face_models
+
+    return write_tiny_face_models(tmp_path_factory.mktemp("faces") / "face_encoder", seed=0)
+
+
 def make_raw_batch(batch_size: int = 2, num_frames: int = 9, size: int = 32, seed: int = 0) -> dict:
     """Raw inputs in the batch contract (datamodules/batch.py), smooth enough to learn."""
     g = torch.Generator().manual_seed(seed)

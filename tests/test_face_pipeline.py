@@ -30,12 +30,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 
 
 @pytest.fixture(scope="session")
-def face_root(tmp_path_factory):
-    """Full layout: detector, recogniser, RetinaFace that never finds a face, BiSeNet."""
-    return write_tiny_face_models(tmp_path_factory.mktemp("faces") / "face_encoder", seed=0)
-
-
-@pytest.fixture(scope="session")
 def bare_root(tmp_path_factory):
     """Only the antelopev2 files (same seed, so the same detector and recogniser)."""
     return write_tiny_face_models(

@@ -24,6 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from datamodules import batch as keys
 from datamodules.feature_store import REPORT_FILE, open_store_dataset, record_to_sample
+from datamodules.video_dataset import decode_clip
 from echovideo.cli import EchoVideoCLI, PreprocessCLI
 from helpers_video import write_gray_ramp_video
 
@@ -248,3 +249,37 @@ def test_two_nodes_each_write_a_shard_and_together_the_whole_store(preprocessed,
     assert len(contents) == 9 and contents == _store_contents(reference_store)
     with pytest.raises(ValueError, match="overwrite with 2 nodes"):
         node(0, "--preprocess.overwrite=true")
+
+
+def test_preprocess_with_the_face_pipeline(tiny_release, face_root, tmp_path):
+    """Real insightface detection, alignment, parsing and ArcFace inside preprocess; faces
+    from a clip frame or a photo; no face anywhere is skipped as `no_face`."""
+    from datamodules.face_pipeline import FaceExtractor
+    from datamodules.video_io import write_mp4
+
+    # The tiny detector sees a face in a bright square of 16 px centred in a 64 px frame
+    # (160 px on an anchor of stride 32 in its 640 px input).
+    with_face = np.zeros((12, 64, 64, 3), dtype=np.uint8)
+    with_face[:, 24:40, 24:40] = 230
+    (tmp_path / "clips").mkdir()
+    write_mp4(tmp_path / "clips" / "face.mp4", with_face, 8)
+    write_mp4(tmp_path / "clips" / "dark.mp4", np.zeros_like(with_face), 8)
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "black.png")
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("video,caption,face_image\n"
+                        "clips/face.mp4,a man smiles,\n"
+                        "clips/dark.mp4,a man smiles,\n"
+                        "clips/face.mp4,a man smiles,black.png\n", encoding="utf-8")
+    store = tmp_path / "store"
+    overrides = _overrides(tiny_release, manifest, store, tmp_path / "run") + [
+        f"--data.init_args.face_models={face_root}", "--data.init_args.face_size=64"]
+    report = PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides]).run_preprocess()
+
+    assert report.complete and report.written == {"9x32x32": 1} and report.skipped == {"no_face": 2}
+    assert report.face_parsing is True and "insightface" in report.face_pipeline
+    assert report.encoders["face"]["parsing"] is True
+    (sample,) = list(open_store_dataset(store, shuffle=False, seed=0))
+    # ArcFace is insightface's raw embedding of the clip's face (every frame holds the same one).
+    frame = decode_clip(tmp_path / "clips" / "face.mp4", 12)[0][6].numpy()
+    expected = FaceExtractor(face_root, face_size=64).extract(frame).arcface
+    torch.testing.assert_close(sample[keys.ARCFACE], torch.from_numpy(expected), atol=1e-3, rtol=1e-3)
