@@ -1,7 +1,7 @@
 """Throughput of the feature-store training loader (litdata StreamingDataLoader).
 
 Measures the loader exactly as `VideoFaceDataModule._store_loader` builds it
-(`open_store_dataset` + `StreamingDataLoader(batch_size, num_workers,
+(`open_store_dataset` + `store_loader` (litdata StreamingDataLoader)(batch_size, num_workers,
 collate_fn=collate_skipping_unreadable)`) on two stores:
 
 1. tiny: a store written by `preprocess` with the tiny encoders (9x64x64 bucket), or an
@@ -102,12 +102,13 @@ def write_full_size_store(store: Path, samples: int, num_workers: int, chunk_byt
     """A store folder `open_store_dataset` accepts, one bucket of synthetic full-size records."""
     from litdata import optimize
 
-    from datamodules.feature_store import STORE_FORMAT, STORE_META
+    from datamodules.feature_store import STORE_FORMAT, STORE_META, shard_name
 
     store.mkdir(parents=True, exist_ok=True)
     (store / STORE_META).write_text(json.dumps({"format": STORE_FORMAT, "buckets": [FULL_BUCKET],
-                                                "synthetic": True}) + "\n")
-    optimize(fn=FullSizeRecord(), inputs=list(range(samples)), output_dir=str(store / FULL_BUCKET),
+                                                "num_nodes": 1, "synthetic": True}) + "\n")
+    optimize(fn=FullSizeRecord(), inputs=list(range(samples)),
+             output_dir=str(store / FULL_BUCKET / shard_name(0, 1)),
              chunk_bytes=chunk_bytes, num_workers=num_workers, reorder_files=False,
              keep_data_ordered=True, start_method="fork", verbose=False)
 
@@ -133,7 +134,7 @@ def write_tiny_store(work: Path, clips: int, num_workers: int) -> Path:
 
 def chunk_files(store: Path) -> list[Path]:
     files = []
-    for index in sorted(store.glob("*/index.json")):
+    for index in sorted(store.glob("*/*/index.json")):
         files += [index.parent / chunk["filename"] for chunk in json.loads(index.read_text())["chunks"]]
     return files
 
@@ -155,15 +156,12 @@ def batch_bytes(batch: dict) -> int:
 def measure(store: Path, verify_sources: bool, samples: int, warmup: int, num_workers: int,
             batch_size: int) -> dict:
     """Iterate the training loader; time `samples` samples after `warmup` batches."""
-    from litdata import StreamingDataLoader
-
     from datamodules.batch import SKIPPED
-    from datamodules.feature_store import open_store_dataset
+    from datamodules.feature_store import open_store_dataset, store_loader
     from datamodules.video_dataset import collate_skipping_unreadable
 
     dataset = open_store_dataset(store, shuffle=True, seed=0, verify_sources=verify_sources)
-    loader = StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                 collate_fn=collate_skipping_unreadable, pin_memory=False)
+    loader = store_loader(dataset, batch_size, num_workers, collate_skipping_unreadable)
     seen_batches, counted, nbytes, skipped, epochs = 0, 0, 0, 0, 0
     created = time.perf_counter()
     first_batch_s = started = None
@@ -193,7 +191,7 @@ def measure(store: Path, verify_sources: bool, samples: int, warmup: int, num_wo
 
 def store_bytes_per_sample(store: Path) -> float:
     files = chunk_files(store)
-    samples = sum(chunk["chunk_size"] for index in store.glob("*/index.json")
+    samples = sum(chunk["chunk_size"] for index in store.glob("*/*/index.json")
                   for chunk in json.loads(index.read_text())["chunks"])
     return sum(path.stat().st_size for path in files) / samples
 
@@ -238,7 +236,7 @@ def run(args) -> None:
                         "from the page cache first", measure(full, False, measured, **loader_args), full))
 
         print()
-        print(f"loader: StreamingDataLoader, num_workers={args.num_workers}, batch_size={args.batch_size}, "
+        print(f"loader: store_loader (StreamingDataLoader), num_workers={args.num_workers}, batch_size={args.batch_size}, "
               f"collate_fn=collate_skipping_unreadable, shuffle=True, warm-up {args.warmup} batches, "
               f"{os.cpu_count()} CPU cores")
         for name, result, store in results:

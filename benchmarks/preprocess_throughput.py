@@ -79,7 +79,7 @@ def write_dataset(folder: Path, num_clips: int, num_frames: int, height: int, wi
 def store_bytes(store: Path) -> tuple[int, int]:
     """(sum of chunk file sizes, samples) over every bucket listed in the store."""
     total, samples = 0, 0
-    for index in store.glob("*/index.json"):
+    for index in store.glob("*/*/index.json"):
         chunks = json.loads(index.read_text())["chunks"]
         total += sum((index.parent / chunk["filename"]).stat().st_size for chunk in chunks)
         samples += sum(chunk["chunk_size"] for chunk in chunks)

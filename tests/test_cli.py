@@ -66,7 +66,8 @@ def test_fit_resume_predict(demo_setup, monkeypatch):
     assert (run / "tensorboard" / "config.1.yaml").is_file()  # the resume kept the first config
 
     scalars = _scalars(run / "tensorboard")
-    for tag in ("train/loss", "train/stage", "train/face_latent_keep_rate", "lr-AdamW", "data/skipped/unreadable_video"):
+    for tag in ("train/loss", "train/stage", "train/face_latent_keep_rate", "lr-AdamW",
+                "data/skipped/unreadable_video", "data/captions_truncated"):
         assert tag in scalars, sorted(scalars)
     assert max(scalars["train/loss"]) >= 3  # steps logged after the resume land in the same run
 

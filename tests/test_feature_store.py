@@ -283,3 +283,34 @@ def test_preprocess_with_the_face_pipeline(tiny_release, face_root, tmp_path):
     frame = decode_clip(tmp_path / "clips" / "face.mp4", 12)[0][6].numpy()
     expected = FaceExtractor(face_root, face_size=64).extract(frame).arcface
     torch.testing.assert_close(sample[keys.ARCFACE], torch.from_numpy(expected), atol=1e-3, rtol=1e-3)
+
+
+def test_buckets_by_aspect_and_length_never_mix_in_a_batch(tiny_release, tmp_path):
+    from datamodules.video_datamodule import VideoFaceDataModule
+
+    (tmp_path / "clips").mkdir()
+    clips = {"wide_a": (14, 32, 48), "wide_b": (14, 32, 48), "tall_a": (14, 48, 32), "tall_b": (14, 48, 32),
+             "tall_c": (14, 48, 32), "long_a": (20, 32, 48), "long_b": (20, 32, 48), "short": (5, 32, 48)}
+    lines = []
+    for name, (frames, height, width) in clips.items():
+        write_gray_ramp_video(tmp_path / "clips" / f"{name}.mp4", frames, height, width)
+        lines.append(json.dumps({"id": name, "video": f"clips/{name}.mp4", "caption": "a man walks"}))
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    store = tmp_path / "store"
+    buckets = [[9, 32, 48], [9, 48, 32], [17, 32, 48]]
+    overrides = _overrides(tiny_release, manifest, store, tmp_path / "run") + [
+        f"--data.init_args.buckets={json.dumps(buckets)}"]
+    report = PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides]).run_preprocess()
+    # Closest aspect ratio first, then the longest bucket the clip's length fits.
+    assert report.written == {"9x32x48": 2, "9x48x32": 3, "17x32x48": 2}
+    assert report.skipped == {"video_too_short": 1}
+
+    data = VideoFaceDataModule(feature_store=str(store), buckets=buckets, batch_size=2, num_workers=0)
+    data.setup("fit")
+    shapes, seen = set(), []
+    for batch in data.train_dataloader():  # collate stacks tensors: mixed shapes would fail here
+        shapes.add(tuple(batch[keys.LATENT_MEAN].shape[1:]))
+        seen += batch[keys.SAMPLE_ID]
+    assert shapes == {(3, 16, 4, 6), (3, 16, 6, 4), (5, 16, 4, 6)}
+    assert sorted(seen) == sorted(name for name in clips if name != "short")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.batch import CAPTION, FACE_IMAGE, SAMPLE_ID, SKIPPED, VIDEO
-from datamodules.skip_reasons import SKIP_REASONS, UNREADABLE_IMAGE, UNREADABLE_VIDEO, Skipped
+from datamodules.batch import ARCFACE, CAPTION, FACE_IMAGE, SAMPLE_ID, SKIPPED, VIDEO
+from datamodules.skip_reasons import NO_FACE, SKIP_REASONS, UNREADABLE_IMAGE, UNREADABLE_VIDEO, Skipped
 from datamodules.manifest import ManifestEntry, ManifestError
 from datamodules.video_dataset import (
     SampleReadError,
@@ -267,3 +267,25 @@ def test_datamodule_predict_allows_missing_videos_but_not_mixed_batches(files):
     (batch,) = list(module.predict_dataloader())
     assert VIDEO not in batch and batch[FACE_IMAGE].shape == (2, 3, 12, 12)
     assert batch[CAPTION] == ["b", "b"]
+
+
+def test_raw_samples_through_the_face_pipeline(face_root, tmp_path):
+    """Training straight from a manifest with face models: the face comes from a clip frame
+    when the line names no photo, ArcFace comes with it, and a clip without a face is skipped."""
+    from datamodules.video_io import write_mp4
+
+    # The tiny detector's face: a bright 16 px square centred in a 64 px frame.
+    with_face = np.zeros((12, 64, 64, 3), dtype=np.uint8)
+    with_face[:, 24:40, 24:40] = 230
+    write_mp4(tmp_path / "face.mp4", with_face, 8)
+    write_mp4(tmp_path / "dark.mp4", np.zeros_like(with_face), 8)
+    entries = [ManifestEntry(video=tmp_path / name, caption="a man", face_image=None, line=i, sample_id=name)
+               for i, name in enumerate(["face.mp4", "dark.mp4"], start=1)]
+    dataset = VideoFaceDataset(entries, num_frames=4, frame_stride=2, height=32, width=32, face_size=64,
+                               reference_frame="outside_window", face_models=str(face_root))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableSampleWarning)
+        face, dark = dataset[0], dataset[1]
+    assert face[FACE_IMAGE].shape == (3, 64, 64) and face[ARCFACE].shape == (512,)
+    assert face[ARCFACE].abs().sum() > 0
+    assert dark == Skipped(NO_FACE, "dark.mp4")
