@@ -74,13 +74,13 @@ class ManifestProblem:
     reason: str = INVALID_MANIFEST_LINE
 
     def __str__(self) -> str:
-        return format_problem(self.file, self.line, self.field, self.what, self.fix)
+        return f"{self.file}:{self.line}: field '{self.field}': {self.what}; {self.fix}"
 
 
 class ManifestError(ValueError):
     """Every problem found in one or more manifests; `problems` holds them, one line each."""
 
-    def __init__(self, problems: Sequence[ManifestProblem | str]):
+    def __init__(self, problems: Sequence[ManifestProblem]):
         self.problems = list(problems)
         count = len(self.problems)
         header = f"{count} problem{'s' if count != 1 else ''} in manifest:"
@@ -148,11 +148,6 @@ def manifest_format(path: str | Path) -> str | None:
         two_file_names = (*PROMPT_FILE_NAMES, VIDEOS_FILE_NAME)
         return TWO_FILE if path.name.lower() in two_file_names else CONSISID
     return None
-
-
-def format_problem(manifest: Path, line_number: int, field: str, what: str, fix: str) -> str:
-    """One problem in the `<manifest>:<line>: field '<name>': <what>; <fix>` form."""
-    return f"{manifest}:{line_number}: field '{field}': {what}; {fix}"
 
 
 # --- reading: every format becomes a list of _Record, validated by one function -----------

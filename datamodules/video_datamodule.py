@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.feature_store import Bucket, load_unconditional, open_store_dataset, read_store_meta, store_loader
-from datamodules.manifest import ManifestEntry, ManifestError, check_manifest, format_problem
+from datamodules.manifest import ManifestEntry, ManifestError, ManifestProblem, check_manifest
 from datamodules.video_dataset import REFERENCE_FRAMES, VideoFaceDataset, collate_skipping_unreadable
 
 
@@ -186,15 +186,14 @@ class VideoFaceDataModule(L.LightningDataModule):
                            f"{ManifestError(problems)}")
         return results
 
-    def _mixed_video_problems(self, path: str, entries: list[ManifestEntry]) -> list[str]:
+    def _mixed_video_problems(self, path: str, entries: list[ManifestEntry]) -> list[ManifestProblem]:
         """Batches must share keys, so with batch_size > 1 either every line has a video or none."""
         without_video = [entry for entry in entries if entry.video is None]
         if self.batch_size == 1 or not without_video or len(without_video) == len(entries):
             return []
-        return [format_problem(Path(path), entry.line, "video",
-                               f"missing while other lines have one and batch_size is "
-                               f"{self.batch_size}",
-                               "give every line a video or none, or use batch_size 1")
+        return [ManifestProblem(entry.source or Path(path), entry.line, "video",
+                                f"missing while other lines have one and batch_size is {self.batch_size}",
+                                "give every line a video or none, or use batch_size 1")
                 for entry in without_video]
 
     def _dataset(self, entries: list[ManifestEntry], random_start: bool) -> VideoFaceDataset:
