@@ -10,6 +10,7 @@ Two sources, one batch contract (datamodules/batch.py):
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from datamodules.feature_store import Bucket, load_unconditional, open_store_dataset, read_store_meta, store_loader
 from datamodules.manifest import ManifestEntry, ManifestError, ManifestProblem, check_manifest
 from datamodules.video_dataset import REFERENCE_FRAMES, VideoFaceDataset, collate_skipping_unreadable
+from lightning_modules.sampling import video_size_problems
 
 
 class VideoFaceDataModule(L.LightningDataModule):
@@ -92,6 +94,11 @@ class VideoFaceDataModule(L.LightningDataModule):
         self.seed = seed
         self.feature_store = feature_store
         self.buckets = tuple(Bucket.parse(b) for b in (buckets or [[num_frames, height, width]]))
+        problems = video_size_problems("data", num_frames, height, width)
+        for index, bucket in enumerate(self.buckets if buckets else ()):
+            problems += video_size_problems(f"data.buckets[{index}]", *dataclasses.astuple(bucket))
+        if problems:
+            raise ValueError("; ".join(problems))
         self.face_models = face_models
         if reference_frame not in REFERENCE_FRAMES:
             raise ValueError(f"data.reference_frame must be one of {REFERENCE_FRAMES}, got {reference_frame!r}")

@@ -39,7 +39,30 @@ class KeepEveryConfig(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+# Names Lightning resolves itself; any other --ckpt_path must exist.
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+RESUMABLE_CHECKPOINT = "callbacks.resumable_checkpoint.ResumableCheckpoint"
+
+
+class ExperimentError(ValueError):
+    """An experiment setting that cannot work, named by its key."""
+
+
 class EchoVideoCLI(LightningCLI):
+    """LightningCLI with one run directory and checkpoints that resume with their settings.
+
+    `--run_dir DIR` (or `run_dir:` in the YAML) places the whole run: checkpoints in
+    `DIR/checkpoints`, TensorBoard logs and the saved configs in `DIR/tensorboard`,
+    predictions in `DIR/predictions`. It sets `trainer.default_root_dir` and every logger's
+    `save_dir`, so those are never typed (a YAML that gives them a different value is
+    refused). Sampling sizes left unset follow the data's (`data.num_frames`, `.height`,
+    `.width`).
+
+    `--ckpt_path last` is resolved here to the run's `last.ckpt`, a file or a DeepSpeed
+    checkpoint directory, and the model's hyper-parameters are read back from either (plain
+    LightningCLI reads them from a file only, so a ZeRO run would resume with the YAML's).
+    """
+
     def __init__(self, args=None, run: bool = True):
         super().__init__(
             model_class=LightningModule,
@@ -52,6 +75,107 @@ class EchoVideoCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="the run's folder: checkpoints/, tensorboard/, predictions/")
+
+    def _section(self):
+        subcommand = self.config.get("subcommand")
+        return self.config[subcommand] if subcommand else self.config
+
+    def _parse_ckpt_path(self) -> None:
+        # The first hook after parsing: derived values are placed before anything reads them.
+        section = self._section()
+        place_run(section)
+        follow_data_sizes(section)
+        ckpt_path = section.get("ckpt_path")
+        if not ckpt_path:
+            return
+        if ckpt_path == "last":
+            found = last_checkpoint(section)
+            if found is None:
+                return  # Lightning warns and starts from the beginning: a first launch
+            section["ckpt_path"] = ckpt_path = str(found)
+        elif ckpt_path not in SPECIAL_CKPT_PATHS and not os.path.exists(ckpt_path):
+            raise ExperimentError(f"ckpt_path: {ckpt_path} does not exist; give a checkpoint file, a DeepSpeed "
+                                  "checkpoint directory, or `last` to resume the run in run_dir")
+        if os.path.isdir(ckpt_path):
+            self._merge_hyperparameters(deepspeed_client_state(ckpt_path).get("hyper_parameters", {}))
+        else:
+            super()._parse_ckpt_path()
+
+    def _merge_hyperparameters(self, hparams: dict) -> None:
+        """What LightningCLI does with a checkpoint file's hyper-parameters, for a directory."""
+        hparams = dict(hparams)
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+
+
+def place_run(section) -> None:
+    """`run_dir` -> `trainer.default_root_dir` and every logger's `save_dir`."""
+    run_dir = section.get("run_dir")
+    trainer = section["trainer"]
+    if run_dir is None:
+        return
+    if trainer.get("default_root_dir") not in (None, run_dir):
+        raise ExperimentError(f"trainer.default_root_dir ({trainer['default_root_dir']}) and run_dir ({run_dir}) "
+                              "differ: set run_dir only, it places the whole run")
+    trainer["default_root_dir"] = run_dir
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is not None and "save_dir" in init_args:
+            if init_args["save_dir"] not in (None, run_dir):
+                raise ExperimentError(f"trainer.logger.init_args.save_dir ({init_args['save_dir']}) and run_dir "
+                                      f"({run_dir}) differ: leave save_dir out, run_dir sets it")
+            init_args["save_dir"] = run_dir
+
+
+def follow_data_sizes(section) -> None:
+    """Unset `model.init_args.sampling` sizes take the data's."""
+    model, data = section.get("model"), section.get("data")
+    sampling = getattr(getattr(model, "init_args", None), "sampling", None)
+    data_args = getattr(data, "init_args", None)
+    if sampling is None or data_args is None:
+        return
+    for key in ("num_frames", "height", "width"):
+        if sampling.get(key) is None and data_args.get(key) is not None:
+            sampling[key] = data_args[key]
+
+
+def last_checkpoint(section):
+    """The run's `last.ckpt` (file or DeepSpeed directory), or None on a first launch."""
+    from callbacks.resumable_checkpoint import recover_interrupted_publish
+
+    dirpath = None
+    for callback in section["trainer"].get("callbacks") or []:
+        if getattr(callback, "class_path", None) == RESUMABLE_CHECKPOINT:
+            dirpath = callback.init_args.get("dirpath")
+    if dirpath is None:
+        dirpath = os.path.join(section["trainer"].get("default_root_dir") or os.getcwd(), "checkpoints")
+    last = os.path.join(dirpath, "last.ckpt")
+    recover_interrupted_publish(last)
+    return last if os.path.exists(last) else None
+
+
+def deepspeed_client_state(directory: str) -> dict:
+    """The Lightning state (hyper-parameters, loops, callbacks) inside a DeepSpeed checkpoint."""
+    import glob
+
+    import torch
+
+    # ZeRO-1/2 keep it in mp_rank_00_model_states.pt, ZeRO-3 in each rank's zero_pp_rank_*.
+    files = sorted(glob.glob(os.path.join(directory, "*", "mp_rank_00_model_states.pt")))
+    files += sorted(glob.glob(os.path.join(directory, "*", "zero_pp_rank_0_mp_rank_00_model_states.pt")))
+    if not files:
+        raise ExperimentError(f"ckpt_path: {directory} is a directory without */*mp_rank_00_model_states.pt, "
+                              "so not a DeepSpeed checkpoint; give a checkpoint file or a DeepSpeed directory")
+    return torch.load(files[0], map_location="cpu", weights_only=False)
 
 
 class PreprocessCLI(EchoVideoCLI):
@@ -67,6 +191,7 @@ class PreprocessCLI(EchoVideoCLI):
         super().__init__(args=args, run=False)
 
     def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.add_argument("--preprocess.num_workers", type=int, default=None,
                             help="encoding processes (default: one per GPU, else 1)")
         parser.add_argument("--preprocess.part_size", type=int, default=2048,

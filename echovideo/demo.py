@@ -112,8 +112,7 @@ def run_demo(out: Path, vae_seconds: float, train_time: str) -> dict:
     )
 
     overrides = [
-        f"--trainer.default_root_dir={run_dir}",
-        f"--trainer.logger.init_args.save_dir={run_dir}",
+        f"--run_dir={run_dir}",
         f"--model.init_args.pretrained_path={release_dir}",
         f"--data.init_args.train_manifest={manifest}",
         f"--data.init_args.predict_manifest={predict_manifest}",

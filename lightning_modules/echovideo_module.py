@@ -21,7 +21,7 @@ from lightning_modules.echovideo_transformer import EchoVideoTransformer3DModel
 from lightning_modules.frozen_encoders import FrozenEncoders
 from lightning_modules.identity_encoder import IdentityEncoder
 from lightning_modules.identity_check import refuse_random_identity_at_release_size
-from lightning_modules.release_layout import load_scheduler, load_transformer
+from lightning_modules.release_layout import load_scheduler, load_transformer, load_transformer_partitioned
 from lightning_modules.sampling import (
     Conditions,
     SamplingConfig,
@@ -30,10 +30,18 @@ from lightning_modules.sampling import (
     sample_latents,
 )
 from lightning_modules.step_random import step_generator
+from lightning_modules.training_levers import (
+    LoraSettings,
+    apply_lora,
+    build_optimizer,
+    compile_transformer_blocks,
+)
 
 IITF_PARTS = ("face_prj_wofc", "face_info_proj", "face_proj", "text_proj")
 # What `data/...` logs: samples skipped per reason, then captions cut to the T5 limit.
 DATA_COUNTERS = tuple(f"skipped/{reason}" for reason in SKIP_REASONS) + ("captions_truncated",)
+# `train/loss_by_timestep/...` splits the training timesteps into this many equal ranges.
+TIMESTEP_BUCKETS = 4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -46,12 +54,17 @@ class EchoVideoModule(pl.LightningModule):
         identity_encoder: face crop in, identity embedding out (ArcFace in production).
         trainable: "transformer_and_iitf" trains the whole transformer; "iitf" only the
             four IITF parts (gradients still flow through the frozen backbone).
+        lora: LoRA adapters (peft) on the frozen backbone plus the fully trained IITF parts;
+            null trains as `trainable` says (see lightning_modules/training_levers.py).
+        optimizer: "adamw" (torch; DeepSpeedCPUAdam when DeepSpeed offloads the optimizer) or
+            "adamw_8bit" (bitsandbytes, 8-bit moments).
         learning_rate, weight_decay, adam_betas, warmup_steps: AdamW with linear warm-up
             to a constant rate.
         text_dropout_prob: per-sample probability of the unconditional text (T5 of "").
         identity_dropout_prob: per-sample probability of the unconditional identity
             (SigLIP tokens of a black image, zero ArcFace).
         gradient_checkpointing: recompute transformer blocks in backward.
+        compile_blocks: `torch.compile` each transformer block (regional compilation).
         encoder_dtype: dtype of the frozen encoders.
         seed: root of every random draw (see lightning_modules/step_random.py).
         sampling: how `predict` generates videos.
@@ -62,6 +75,8 @@ class EchoVideoModule(pl.LightningModule):
         pretrained_path: str,
         identity_encoder: IdentityEncoder,
         trainable: Literal["transformer_and_iitf", "iitf"] = "transformer_and_iitf",
+        lora: LoraSettings | None = None,
+        optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
         learning_rate: float = 2e-5,
         weight_decay: float = 1e-4,
         adam_betas: tuple[float, float] = (0.9, 0.95),
@@ -69,15 +84,21 @@ class EchoVideoModule(pl.LightningModule):
         text_dropout_prob: float = 0.1,
         identity_dropout_prob: float = 0.1,
         gradient_checkpointing: bool = False,
+        compile_blocks: bool = False,
         encoder_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16",
         seed: int = 0,
         sampling: SamplingConfig | None = None,
     ):
         super().__init__()
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["identity_encoder", "sampling"])
+        self.save_hyperparameters(ignore=["identity_encoder", "sampling", "lora"])
         self.sampling = sampling or SamplingConfig()
         self.hparams["sampling"] = asdict(self.sampling)
+        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora  # a dict from saved hparams
+        self.hparams["lora"] = asdict(self.lora) if self.lora is not None else None
+        if self.lora is not None and trainable == "iitf":
+            raise ValueError("lora trains LoRA adapters and the IITF parts; trainable='iitf' trains the IITF "
+                             "parts alone: set one or the other")
         self.transformer: EchoVideoTransformer3DModel | None = None
         self.scheduler = None
         self.sampling_scheduler = None
@@ -92,6 +113,7 @@ class EchoVideoModule(pl.LightningModule):
         # The last all-rank totals: what a checkpoint keeps (its hooks must not reduce).
         self.data_totals = self.data_counts.clone()
         self._unconditional: dict[str, torch.Tensor] = {}
+        self._grad_norm_logged_at = 0
 
     # ----------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -99,7 +121,13 @@ class EchoVideoModule(pl.LightningModule):
         if self.transformer is not None:
             return
         hp = self.hparams
-        self.transformer = load_transformer(hp.pretrained_path, dtype=torch.float32)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "zero_stage_3", False):  # sharded at creation, see the loader
+            self.transformer = load_transformer_partitioned(
+                hp.pretrained_path, dtype=torch.float32, source_rank=strategy.is_global_zero
+            )
+        else:
+            self.transformer = load_transformer(hp.pretrained_path, dtype=torch.float32)
         refuse_random_identity_at_release_size(self._identity_encoder, self.transformer.config)
         self.scheduler = load_scheduler(hp.pretrained_path)
         self.sampling_scheduler = self._build_sampling_scheduler()
@@ -113,8 +141,18 @@ class EchoVideoModule(pl.LightningModule):
         self._apply_trainable()
         if hp.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        if hp.compile_blocks:
+            compile_transformer_blocks(self.transformer)
 
     def _apply_trainable(self) -> None:
+        if self.lora is not None:  # the backbone freezes; LoRA adapters and the IITF parts train
+            if getattr(self.trainer.strategy if self._trainer is not None else None, "zero_stage_3", False):
+                # peft initialises adapters after their parameters exist; under zero.Init those are
+                # already partitioned, so lora_B would keep a random init instead of zeros.
+                raise ValueError("lora under DeepSpeed ZeRO-3 is not supported: use ZeRO-2 (the frozen "
+                                 "backbone has no optimizer state to partition)")
+            apply_lora(self.transformer, self.lora)
+            return
         if self.hparams.trainable == "transformer_and_iitf":
             self.transformer.requires_grad_(True)
             return
@@ -161,8 +199,10 @@ class EchoVideoModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         parameters = [p for p in self.transformer.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            parameters, lr=hp.learning_rate, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay
+        # Under DeepSpeed's optimizer offload "adamw" becomes DeepSpeedCPUAdam (see build_optimizer).
+        optimizer = build_optimizer(
+            hp.optimizer, parameters, lr=hp.learning_rate, betas=tuple(hp.adam_betas),
+            weight_decay=hp.weight_decay, strategy=self.trainer.strategy if self._trainer is not None else None,
         )
         schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=hp.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -200,12 +240,18 @@ class EchoVideoModule(pl.LightningModule):
                 mask = drop.view(-1, *([1] * (features[key].dim() - 1)))
                 features[key] = torch.where(mask, uncond[key].to(features[key].dtype), features[key])
 
-    def diffusion_loss(self, features: dict, step: int, micro_batch: int = 0) -> tuple[torch.Tensor, dict]:
+    def diffusion_loss(
+        self, features: dict, step: int, micro_batch: int = 0, face_latent_keep_prob: float | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """v-prediction (or epsilon, as the scheduler config says) MSE on one batch.
 
         Timesteps, noise and the stage-2 face-latent mask are drawn from generators keyed
         by (step, micro_batch), so a resumed run repeats the uninterrupted run's draws.
+        `face_latent_keep_prob` overrides the stage's probability (the gauges use 0 and 1).
+        Returns the loss and stats: `face_latent_keep_rate`, and per sample
+        `sample_loss` and `timesteps`.
         """
+        keep_prob = self.face_latent_keep_prob if face_latent_keep_prob is None else face_latent_keep_prob
         latents = features[keys.LATENTS]
         batch_size, num_frames, _, height, width = latents.shape
         num_train_timesteps = self.scheduler.config.num_train_timesteps
@@ -217,7 +263,7 @@ class EchoVideoModule(pl.LightningModule):
             latents.shape, generator=self._generator("noise", step, micro_batch), dtype=latents.dtype
         ).to(self.device)
         keep = torch.rand(batch_size, generator=self._generator("face_latent_keep", step, micro_batch))
-        keep = (keep < self.face_latent_keep_prob).to(self.device)
+        keep = (keep < keep_prob).to(self.device)
 
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         face_latent = pad_face_latent(features[keys.FACE_LATENT], num_frames)
@@ -238,10 +284,13 @@ class EchoVideoModule(pl.LightningModule):
             target = self.scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        loss = F.mse_loss(prediction.float(), target.float())
-        return loss, {"face_latent_keep_rate": keep.float().mean()}
+        sample_loss = F.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+        stats = {"face_latent_keep_rate": keep.float().mean(), "sample_loss": sample_loss.detach(), "timesteps": timesteps}
+        return sample_loss.mean(), stats
 
-    def _features(self, batch: dict, step: int, micro_batch: int = 0) -> dict | None:
+    def encode_features(self, batch: dict, step: int, micro_batch: int = 0) -> dict | None:
+        """The batch in model inputs (latents, face latent, T5, SigLIP, ArcFace), encoding
+        raw parts with the frozen encoders; None when every sample was unreadable."""
         if not any(k in batch for k in (keys.LATENTS, keys.LATENT_MEAN, keys.VIDEO)):
             return None  # every sample of this batch was unreadable
         if keys.TEXT_EMBEDS not in batch and keys.CAPTION in batch and self.training:
@@ -258,7 +307,7 @@ class EchoVideoModule(pl.LightningModule):
         step, micro_batch = self.global_step, self._micro_batch(batch_idx)
         if keys.SKIPPED in batch:
             self.data_counts[: len(SKIP_REASONS)] += batch[keys.SKIPPED].to(self.data_counts)
-        features = self._features(batch, step, micro_batch)
+        features = self.encode_features(batch, step, micro_batch)
         self._log_data_counts()
         if features is None:
             return None
@@ -267,12 +316,53 @@ class EchoVideoModule(pl.LightningModule):
         batch_size = features[keys.LATENTS].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/face_latent_keep_rate", stats["face_latent_keep_rate"], batch_size=batch_size)
+        self._log_loss_by_timestep(stats["sample_loss"], stats["timesteps"])
+        self.log("optim/lr", self._learning_rate(), on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
+
+    def _log_loss_by_timestep(self, sample_loss: torch.Tensor, timesteps: torch.Tensor) -> None:
+        """`train/loss_by_timestep/<first>-<last>`: the loss of this step's samples whose
+        timestep falls in each of TIMESTEP_BUCKETS equal ranges (only ranges that occur)."""
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        width = -(-num_train_timesteps // TIMESTEP_BUCKETS)
+        bucket = torch.div(timesteps, width, rounding_mode="floor")
+        for index in bucket.unique().tolist():
+            chosen = bucket == index
+            first, last = index * width, min((index + 1) * width, num_train_timesteps) - 1
+            self.log(f"train/loss_by_timestep/{first:04d}-{last:04d}", sample_loss[chosen].mean(),
+                     on_step=True, on_epoch=False, batch_size=int(chosen.sum()))
+
+    def _learning_rate(self) -> float:
+        return float(self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """`optim/grad_norm`: the L2 norm of all gradients before clipping (plain strategies;
+        under DeepSpeed the gradients live in the engine, see `on_train_batch_end`)."""
+        if self._deepspeed_engine() is not None:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+            self.log("optim/grad_norm", norm, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        engine = self._deepspeed_engine()
+        if engine is None or engine.global_steps == self._grad_norm_logged_at:
+            return  # not DeepSpeed, or no optimizer step since the last log (accumulation)
+        self._grad_norm_logged_at = engine.global_steps
+        norm = engine.get_global_grad_norm()  # before clipping
+        if norm is not None:
+            self.log("optim/grad_norm", float(norm), on_step=True, on_epoch=False)
+
+    def _deepspeed_engine(self):
+        """The DeepSpeed engine that wraps this module, or None under other strategies."""
+        model = self.trainer.model if self._trainer is not None else None
+        return model if type(model).__name__ == "DeepSpeedEngine" else None
 
     def validation_step(self, batch: dict, batch_idx: int):
         # Keyed by batch index under a step no training step has: every validation pass
         # draws the same noise, so val/loss curves compare across the run.
-        features = self._features(batch, step=-1, micro_batch=batch_idx)
+        features = self.encode_features(batch, step=-1, micro_batch=batch_idx)
         if features is None:
             return None
         with torch.no_grad():
@@ -305,7 +395,7 @@ class EchoVideoModule(pl.LightningModule):
     # ----------------------------------------------------------------- sampling
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """Generate one video per batch entry; returns uint8 B x F x H x W x 3 frames."""
-        cfg = self.sampling
+        cfg = self.sampling.resolved()
         features = encode_batch_features(
             self.encoders, batch, video_size=(cfg.height, cfg.width), device=self.device
         )

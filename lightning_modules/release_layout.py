@@ -148,7 +148,11 @@ def check_transformer_keys(folder: str | Path) -> None:
     missing ones uninitialised), so this runs first and fails with the differences.
     """
     folder = Path(folder)
-    expected = {k: tuple(v.shape) for k, v in build_on_meta_device(folder / "config.json").state_dict().items()}
+    model = build_on_meta_device(folder / "config.json")
+    # Inside deepspeed.zero.Init (ZeRO-3) parameters are created partitioned: their full
+    # shape is `ds_shape`.
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    expected = {k: tuple(getattr(tensors.get(k), "ds_shape", v.shape)) for k, v in model.state_dict().items()}
     found = _checkpoint_shapes(folder)
     missing = sorted(expected.keys() - found.keys())
     unexpected = sorted(found.keys() - expected.keys())
@@ -180,6 +184,52 @@ def load_transformer(root: str | Path, dtype: torch.dtype = torch.float32) -> Ec
     return EchoVideoTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
 
 
+def load_transformer_partitioned(
+    root: str | Path, dtype: torch.dtype = torch.float32, source_rank: bool = True
+) -> EchoVideoTransformer3DModel:
+    """Load the transformer under DeepSpeed ZeRO-3, called inside `deepspeed.zero.Init`
+    (Lightning enters it around `configure_model`), so every parameter is partitioned the
+    moment it is created and no rank ever holds the whole model.
+
+    diffusers' `from_pretrained` knows nothing of ZeRO-3 partitions, so the weights are
+    copied in module by module: each module's own parameters are gathered, rank 0
+    (`source_rank`) copies the checkpoint's tensors in, and DeepSpeed re-partitions them on
+    exit, broadcasting rank 0's values. One module's parameters are whole at a time.
+    """
+    import deepspeed
+
+    folder = _subfolder(root, "transformer")
+    check_transformer_keys(folder)
+    model = EchoVideoTransformer3DModel.from_config(
+        EchoVideoTransformer3DModel.load_config(folder, local_files_only=True)
+    ).to(dtype)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ReleaseLayoutError(
+            f"{folder}: ZeRO-3 loading reads safetensors files and found none; convert the "
+            "*.bin weights with EchoVideoTransformer3DModel.save_pretrained(..., safe_serialization=True)"
+        )
+    where = {}
+    for file in files:
+        with safe_open(file, framework="pt") as weights:
+            where.update({key: file for key in weights.keys()})
+    for prefix, module in model.named_modules():
+        own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+        if not own:
+            continue
+        params = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if source_rank:
+                for name, tensor in own.items():
+                    key = f"{prefix}.{name}" if prefix else name
+                    if key not in where:  # a non-persistent buffer
+                        continue
+                    with safe_open(where[key], framework="pt") as weights:
+                        tensor.data.copy_(weights.get_tensor(key).to(dtype))
+    model.eval()
+    return model
+
+
 def load_vae(root: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderKLCogVideoX:
     folder = _subfolder(root, "vae")
     return AutoencoderKLCogVideoX.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
@@ -200,6 +250,13 @@ def load_siglip(
 ) -> tuple[SiglipVisionModel, SiglipImageProcessor]:
     folder = _subfolder(root, "clip_visual_encoder")
     model = SiglipVisionModel.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    # `position_ids` is a non-persistent buffer (never in the weights) that transformers
+    # fills in after loading. In a process that has been through DeepSpeed ZeRO-3 set-up
+    # under Lightning it was measured left uninitialised (garbage indices), so it is set
+    # here to what it always is: 0..num_positions-1.
+    for module in model.modules():
+        if isinstance(getattr(module, "position_ids", None), torch.Tensor) and hasattr(module, "num_positions"):
+            module.position_ids.copy_(torch.arange(module.num_positions).expand(1, -1))
     processor = SiglipImageProcessor.from_pretrained(folder, local_files_only=True)
     return model, processor
 

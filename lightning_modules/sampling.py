@@ -4,7 +4,7 @@ Plain torch: the LightningModule's predict step and any script call `sample_late
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import CogVideoXDPMScheduler
@@ -14,6 +14,9 @@ from tqdm.auto import tqdm
 from lightning_modules.echovideo_transformer import EchoVideoTransformer3DModel
 
 
+RELEASE_NUM_FRAMES, RELEASE_HEIGHT, RELEASE_WIDTH = 49, 480, 848
+
+
 @dataclass
 class SamplingConfig:
     """How `predict` generates a video (release defaults)."""
@@ -21,15 +24,27 @@ class SamplingConfig:
     num_inference_steps: int = 50
     guidance_scale: float = 6.0
     use_dynamic_cfg: bool = True
-    num_frames: int = 49
-    height: int = 480
-    width: int = 720
+    # None: the data's size in an experiment (filled in by the CLI), else the release's
+    # sampling default of 49 x 480 x 848.
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
     fps: int = 16
     negative_prompt: str = ""
     # None: the scheduler class named in the release folder's scheduler_config.json;
     # otherwise a diffusers class name built from that same config (e.g. CogVideoXDDIMScheduler).
     scheduler: str | None = None
     show_progress: bool = True
+
+    def __post_init__(self):
+        problems = video_size_problems("model.sampling", self.num_frames, self.height, self.width)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def resolved(self) -> "SamplingConfig":
+        """This config with unset sizes at the release's default (49 x 480 x 848)."""
+        return replace(self, num_frames=self.num_frames or RELEASE_NUM_FRAMES,
+                       height=self.height or RELEASE_HEIGHT, width=self.width or RELEASE_WIDTH)
 
 
 @dataclass
@@ -136,6 +151,28 @@ def pad_face_latent(face_latent: torch.Tensor, num_latent_frames: int) -> torch.
         face_latent.shape[0], num_latent_frames - 1, *face_latent.shape[2:]
     )
     return torch.cat([face_latent, padding], dim=1)
+
+
+# The CogVideoX VAE compresses space 8x and time 4x (keeping the first frame); the
+# transformer then takes 2x2 latent patches. So frames are 4k+1 and sides multiples of 16.
+SPATIAL_MULTIPLE = 16
+TEMPORAL_COMPRESSION = 4
+
+
+def video_size_problems(key: str, num_frames: int | None, height: int | None, width: int | None) -> list[str]:
+    """What the VAE and the transformer cannot take in a (frames, height, width) under `key`
+    (for example `data.height`), each with the nearest sizes that work; [] when all is well."""
+    problems = []
+    for name, side in (("height", height), ("width", width)):
+        if side is not None and (side <= 0 or side % SPATIAL_MULTIPLE):
+            lower = max(SPATIAL_MULTIPLE, side - side % SPATIAL_MULTIPLE)
+            problems.append(f"{key}.{name}={side} is not a positive multiple of {SPATIAL_MULTIPLE} "
+                            f"(8x VAE x 2x patches); use {lower} or {lower + SPATIAL_MULTIPLE}")
+    if num_frames is not None and (num_frames < 1 or (num_frames - 1) % TEMPORAL_COMPRESSION):
+        lower = max(1, num_frames - (num_frames - 1) % TEMPORAL_COMPRESSION)
+        problems.append(f"{key}.num_frames={num_frames} is not 4k+1 (the VAE keeps the first frame and "
+                        f"compresses the rest 4x); use {lower} or {lower + TEMPORAL_COMPRESSION}")
+    return problems
 
 
 def num_latent_frames_for(num_frames: int, temporal_compression: int) -> int:

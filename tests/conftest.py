@@ -43,3 +43,17 @@ def make_raw_batch(batch_size: int = 2, num_frames: int = 9, size: int = 32, see
 @pytest.fixture
 def raw_batch():
     return make_raw_batch()
+
+
+@pytest.fixture(scope="session")
+def preprocessed(tiny_release, tmp_path_factory):
+    """(folder, manifest, store, report): the store dataset written and preprocessed once."""
+    from echovideo.cli import PreprocessCLI
+    from store_helpers import EXPERIMENT, store_overrides, write_store_dataset
+
+    folder = tmp_path_factory.mktemp("store_data")
+    manifest = write_store_dataset(folder)
+    store = folder / "store"
+    overrides = store_overrides(tiny_release, manifest, store, folder / "unused_run")
+    report = PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides]).run_preprocess()
+    return folder, manifest, store, report

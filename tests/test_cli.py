@@ -24,8 +24,7 @@ def demo_setup(tiny_release, tmp_path):
     predict.write_text('{"id": "me", "caption": "a smiling astronaut", "face_image": "faces/astronaut.png"}\n')
     run = tmp_path / "run"
     return run, [
-        f"--trainer.default_root_dir={run}",
-        f"--trainer.logger.init_args.save_dir={run}",
+        f"--run_dir={run}",
         "--trainer.max_time=null",
         "--trainer.log_every_n_steps=1",
         f"--model.init_args.pretrained_path={tiny_release}",

@@ -27,10 +27,7 @@ from datamodules.feature_store import REPORT_FILE, open_store_dataset, record_to
 from datamodules.video_dataset import decode_clip
 from echovideo.cli import EchoVideoCLI, PreprocessCLI
 from helpers_video import write_gray_ramp_video
-
-ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENT = ROOT / "experiments" / "demo_tiny.yaml"
-
+from store_helpers import EXPERIMENT, ROOT, store_overrides as _overrides
 
 class SampleIdRecorder(pl.Callback):
     """Appends the sample ids of every training batch, one JSON line per step, to `path`."""
@@ -41,69 +38,6 @@ class SampleIdRecorder(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with open(self.path, "a", encoding="utf-8") as log:
             log.write(json.dumps({"step": trainer.global_step, "ids": batch.get(keys.SAMPLE_ID, [])}) + "\n")
-
-
-def _write_dataset(folder: Path) -> Path:
-    """Good clips with and without a face photo, plus one of every bad kind."""
-    (folder / "clips").mkdir(parents=True)
-    face = folder / "face.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(face)
-    lines = []
-    for i in range(8):
-        write_gray_ramp_video(folder / "clips" / f"good{i}.mp4", 14)
-        line = {"id": f"good{i}", "video": f"clips/good{i}.mp4", "caption": f"a man walks {i}"}
-        if i % 2 == 0:
-            line["face_image"] = "face.png"
-        lines.append(line)
-    (folder / "clips" / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a real video")
-    (folder / "clips" / "empty.mp4").write_bytes(b"")
-    write_gray_ramp_video(folder / "clips" / "short.mp4", 5)
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    lines += [
-        {"id": "corrupt", "video": "clips/corrupt.mp4", "caption": "a woman smiles"},
-        {"id": "empty", "video": "clips/empty.mp4", "caption": "a woman smiles"},
-        {"id": "short", "video": "clips/short.mp4", "caption": "a woman smiles"},
-        {"id": "bad_photo", "video": "clips/good0.mp4", "caption": "a woman smiles", "face_image": "broken.png"},
-        {"id": "no_caption", "video": "clips/good1.mp4", "caption": "   "},
-        {"id": "long", "video": "clips/good2.mp4", "caption": " ".join(["a happy man walks in the park"] * 5)},
-    ]
-    manifest = folder / "train.jsonl"
-    # As editors write them: a byte-order mark, Windows line endings, a blank line.
-    text = "\ufeff" + "\r\n".join(json.dumps(line, ensure_ascii=False) for line in lines[:3]) + "\r\n\r\n"
-    text += "\r\n".join(json.dumps(line, ensure_ascii=False) for line in lines[3:]) + "\r\n"
-    manifest.write_bytes(text.encode("utf-8"))
-    return manifest
-
-
-def _overrides(release: Path, manifest: Path, store: Path, run: Path, part_size: int = 4) -> list[str]:
-    return [
-        f"--trainer.default_root_dir={run}",
-        f"--trainer.logger.init_args.save_dir={run}",
-        "--trainer.max_time=null",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false",
-        f"--model.init_args.pretrained_path={release}",
-        "--model.init_args.sampling.height=32",
-        "--model.init_args.sampling.width=32",
-        f"--data.init_args.train_manifest={manifest}",
-        f"--data.init_args.feature_store={store}",
-        "--data.init_args.height=32",
-        "--data.init_args.width=32",
-        "--data.init_args.face_size=32",
-        "--data.init_args.batch_size=2",
-        "--data.init_args.num_workers=2",
-        f"--preprocess.part_size={part_size}",
-    ]
-
-
-@pytest.fixture(scope="module")
-def preprocessed(tiny_release, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("store_data")
-    manifest = _write_dataset(folder)
-    store = folder / "store"
-    overrides = _overrides(tiny_release, manifest, store, folder / "unused_run")
-    report = PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides]).run_preprocess()
-    return folder, manifest, store, report
 
 
 def _fit_args(overrides: list[str]) -> list[str]:
