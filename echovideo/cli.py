@@ -1,9 +1,9 @@
-"""The kit's one entry point: `echovideo {preprocess,fit,validate,predict} --config experiments/X.yaml`.
+"""The kit's one entry point: `echovideo {preprocess,fit,validate,predict} --config experiments/X.yaml`,
+and `echovideo consolidate CHECKPOINT OUT` (see lightning_modules/consolidate.py).
 
 Also reachable as `python -m echovideo`. Experiments compose with `class_path`/`init_args`
-and are parsed in omegaconf mode, so a YAML can interpolate its own values
-(`${data.init_args.height}`). `--ckpt_path last` resumes from the newest `last.ckpt` of
-the run's ModelCheckpoint directory.
+(several `--config` files merge in order). Values that follow from others are derived
+here, not interpolated: see `EchoVideoCLI`.
 """
 
 import json
@@ -250,6 +250,11 @@ def main(args=None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == ["preprocess"]:
         PreprocessCLI(args=argv[1:]).run_preprocess()
+        return
+    if argv[:1] == ["consolidate"]:
+        from lightning_modules.consolidate import main as consolidate
+
+        consolidate(argv[1:])
         return
     EchoVideoCLI(args=args)
 

@@ -106,6 +106,9 @@ class EchoVideoModule(pl.LightningModule):
         # state_dict (checkpoints), the optimizer, DeepSpeed's engine and precision casts.
         object.__setattr__(self, "_identity_encoder", identity_encoder)
         object.__setattr__(self, "encoders", None)
+        # Checkpoints hold only trainable weights (see on_save_checkpoint): loading one
+        # leaves the frozen weights as `pretrained_path` gave them.
+        self.strict_loading = False
         # Set by callbacks.TwoStageFaceLatentSchedule; 1.0 means stage 1.
         self.face_latent_keep_prob = 1.0
         # This rank's running counts of DATA_COUNTERS; logged summed over ranks.
@@ -381,10 +384,27 @@ class EchoVideoModule(pl.LightningModule):
             self.log(f"data/{name}", float(total), on_step=True, on_epoch=False, rank_zero_only=True)
         self.data_totals = totals
 
+    def frozen_parameter_names(self) -> set[str]:
+        """State-dict keys of transformer parameters that never train in this run."""
+        return {f"transformer.{name}" for name, p in self.transformer.named_parameters() if not p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["data_counts"] = dict(zip(DATA_COUNTERS, self.data_totals.tolist()))
+        # Only what trains is saved: the frozen rest is `pretrained_path`'s, which every
+        # resume, consolidation and predict loads first. (Under DeepSpeed the engine writes
+        # the weights and the strategy's `exclude_frozen_parameters` does the same.)
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            for key in self.frozen_parameter_names():
+                state.pop(key, None)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict")
+        if state is not None:  # a checkpoint file: check it holds every trainable weight
+            missing = set(self.state_dict()) - set(state) - self.frozen_parameter_names()
+            if missing:
+                raise KeyError(f"checkpoint lacks trainable weights {sorted(missing)[:5]} ({len(missing)} in all): "
+                               "it was written by a run that trained other parts (model.trainable / lora)")
         # The saved totals are the whole run's; rank 0 carries them on so sums stay right.
         saved = checkpoint.get("data_counts", {})
         counts = torch.zeros(len(DATA_COUNTERS), dtype=torch.float64)
