@@ -143,6 +143,10 @@ def follow_data_sizes(section) -> None:
     data_args = getattr(data, "init_args", None)
     if sampling is None or data_args is None:
         return
+    from lightning_modules.sampling import video_size_problems
+
+    if video_size_problems("data", *(data_args.get(k) for k in ("num_frames", "height", "width"))):
+        return  # the DataModule refuses them, naming the data key rather than a copy of it
     for key in ("num_frames", "height", "width"):
         if sampling.get(key) is None and data_args.get(key) is not None:
             sampling[key] = data_args[key]

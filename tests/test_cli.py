@@ -99,13 +99,60 @@ def test_bad_manifest_line_is_reported_before_training(demo_setup, monkeypatch, 
     assert not (run / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("experiment", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+EXPERIMENTS = [[p] for p in sorted((ROOT / "experiments").glob("*.yaml"))] + [
+    [ROOT / "experiments" / "echovideo_5b.yaml", overlay]
+    for overlay in sorted((ROOT / "experiments" / "overlays").glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda ps: "+".join(p.name for p in ps))
 def test_module_entry_point_parses_every_experiment(experiment):
-    """`python -m echovideo` parses each experiment and resolves its interpolations (omegaconf mode)."""
+    """`python -m echovideo` parses each experiment, and the 5B one with each overlay."""
+    configs = [arg for path in experiment for arg in ("--config", str(path))]
     result = subprocess.run(
-        [sys.executable, "-m", "echovideo", "fit", "--config", str(experiment), "--print_config"],
+        [sys.executable, "-m", "echovideo", "fit", *configs, "--print_config"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "class_path: lightning_modules.echovideo_module.EchoVideoModule" in result.stdout
     assert "${" not in result.stdout
+
+
+REFUSALS = {
+    # override -> what the message must name
+    "--model.init_args.learning_rat=1e-4": "learning_rat",
+    "--data.init_args.height=500": "data.height=500",
+    "--data.init_args.num_frames=10": "data.num_frames=10",
+    "--model.init_args.sampling.width=100": "model.sampling.width=100",
+    "--trainer.callbacks.init_args.stage_two_start_step=-1": "stage_two_start_step",
+    "--trainer.callbacks.init_args.face_latent_keep_prob=1.5": "face_latent_keep_prob",
+    "--ckpt_path=/nowhere/last.ckpt": "/nowhere/last.ckpt",
+    "--trainer.default_root_dir=/elsewhere": "trainer.default_root_dir",
+}
+
+
+@pytest.mark.parametrize("override", list(REFUSALS))
+def test_bad_settings_are_refused_at_start_naming_the_key(override, demo_setup, monkeypatch, capsys):
+    run, overrides = demo_setup
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    extra = [override]
+    if "callbacks.init_args" in override:  # the option applies to the last callback given
+        extra = ["--trainer.callbacks+=callbacks.two_stage_face_latent.TwoStageFaceLatentSchedule",
+                 "--trainer.callbacks.init_args.stage_two_start_step=10", override]
+    with pytest.raises((ValueError, SystemExit)) as error:
+        EchoVideoCLI(args=["fit", "--config", str(EXPERIMENT), *overrides, *extra])
+    message = str(error.value) + capsys.readouterr().err
+    assert REFUSALS[override] in message, message[-1500:]
+    assert not (run / "checkpoints").exists()
+
+
+def test_run_dir_places_checkpoints_logs_configs_and_sizes_follow_the_data(demo_setup, monkeypatch):
+    run, overrides = demo_setup
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    cli = EchoVideoCLI(args=["fit", "--config", str(EXPERIMENT), *overrides, "--trainer.max_steps=1",
+                             "--data.init_args.num_frames=5"])
+    assert cli.trainer.default_root_dir == str(run)
+    assert Path(cli.trainer.logger.log_dir) == run / "tensorboard"
+    assert (run / "tensorboard" / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    sampling = cli.model.sampling
+    assert (sampling.num_frames, sampling.height, sampling.width) == (5, 32, 32)  # the data's
