@@ -12,12 +12,14 @@ the loss or the data path fails here. Regenerate it deliberately with
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules import batch as keys
 from echovideo.cli import EchoVideoCLI
@@ -61,7 +63,18 @@ class CrashAtStep(pl.Callback):
             raise RuntimeError(f"simulated crash at step {self.step}")
 
 
-def _experiment(tmp_path: Path, strategy: dict | None, crash: bool) -> Path:
+class SigtermAtStep(pl.Callback):
+    """Sends this process SIGTERM after `step`, as a scheduler does before a time limit."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _experiment(tmp_path: Path, strategy: dict | None, crash: bool | str) -> Path:
     config = yaml.safe_load(EXPERIMENT.read_text())
     trainer = config["trainer"]
     for callback in trainer["callbacks"]:
@@ -70,7 +83,8 @@ def _experiment(tmp_path: Path, strategy: dict | None, crash: bool) -> Path:
         if callback["class_path"].endswith("ResumableCheckpoint"):
             callback["init_args"] = {"every_n_train_steps": 3}
     if crash:
-        trainer["callbacks"].append({"class_path": "test_exact_resume.CrashAtStep",
+        stopper = "SigtermAtStep" if crash == "sigterm" else "CrashAtStep"
+        trainer["callbacks"].append({"class_path": f"test_exact_resume.{stopper}",
                                      "init_args": {"step": CRASH_AT_STEP}})
     if strategy is not None:
         trainer["strategy"] = strategy
@@ -141,3 +155,21 @@ def test_crashed_and_resumed_run_repeats_the_uninterrupted_losses(
     checkpoints = run / "checkpoints"
     if strategy != "plain":
         assert (checkpoints / "last.ckpt").is_dir()  # a DeepSpeed checkpoint directory
+
+
+def test_sigterm_saves_the_step_it_stopped_at_and_resumes_there(
+    preprocessed, tiny_release, tmp_path, monkeypatch, golden_curve
+):
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    previous = signal.getsignal(signal.SIGTERM)
+    run, losses = tmp_path / "run", tmp_path / "losses.jsonl"
+    try:
+        with pytest.raises(SIGTERMException):
+            _fit(_experiment(tmp_path, None, crash="sigterm"), run, losses, preprocessed, tiny_release, resume=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    cli = _fit(_experiment(tmp_path, None, crash=False), run, losses, preprocessed, tiny_release, resume=True)
+    assert cli.trainer.global_step == MAX_STEPS
+    # Saved at the step it stopped at, so no step runs twice.
+    assert [json.loads(line)["step"] for line in losses.read_text().splitlines()] == list(range(MAX_STEPS))
+    assert _curve(losses) == pytest.approx(golden_curve, rel=1e-4, abs=1e-6)
