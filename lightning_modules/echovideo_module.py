@@ -31,13 +31,13 @@ from lightning_modules.sampling import (
 )
 from lightning_modules.step_random import step_generator
 from lightning_modules.training_levers import (
+    IITF_PARTS,
     LoraSettings,
     apply_lora,
     build_optimizer,
     compile_transformer_blocks,
 )
 
-IITF_PARTS = ("face_prj_wofc", "face_info_proj", "face_proj", "text_proj")
 # What `data/...` logs: samples skipped per reason, then captions cut to the T5 limit.
 DATA_COUNTERS = tuple(f"skipped/{reason}" for reason in SKIP_REASONS) + ("captions_truncated",)
 # `train/loss_by_timestep/...` splits the training timesteps into this many equal ranges.
@@ -150,11 +150,11 @@ class EchoVideoModule(pl.LightningModule):
     def _apply_trainable(self) -> None:
         if self.lora is not None:  # the backbone freezes; LoRA adapters and the IITF parts train
             if getattr(self.trainer.strategy if self._trainer is not None else None, "zero_stage_3", False):
-                # peft initialises adapters after their parameters exist; under zero.Init those are
-                # already partitioned, so lora_B would keep a random init instead of zeros.
+                # peft sets lora_B to zero after creating its Linear layers; under zero.Init they are
+                # partitioned by then, so that init would run on empty shards. Untested: refused.
                 raise ValueError("lora under DeepSpeed ZeRO-3 is not supported: use ZeRO-2 (the frozen "
                                  "backbone has no optimizer state to partition)")
-            apply_lora(self.transformer, self.lora)
+            apply_lora(self.transformer, self.lora, seed=self.hparams.seed)
             return
         if self.hparams.trainable == "transformer_and_iitf":
             self.transformer.requires_grad_(True)

@@ -30,7 +30,6 @@ PEFT_CONFIG_FILE = "adapter_config.json"  # peft.utils.constants.CONFIG_NAME
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"  # peft.utils.constants.SAFETENSORS_WEIGHTS_NAME
 PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before module names
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
-DIFFUSERS_LORA_PREFIX = "transformer"  # CogVideoXLoraLoaderMixin.transformer_name
 IITF_WEIGHTS_FILE = "iitf.safetensors"
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
@@ -86,10 +85,18 @@ def lora_module_names(transformer: nn.Module) -> list[str]:
     return [name for name, module in transformer.named_modules() if isinstance(module, LoraLayer)]
 
 
-def apply_lora(transformer: nn.Module, settings: LoraSettings, adapter_name: str = "default") -> list[str]:
+def apply_lora(
+    transformer: nn.Module, settings: LoraSettings, seed: int = 0, adapter_name: str = "default"
+) -> list[str]:
     """Add a LoRA adapter (diffusers' `add_adapter`, i.e. peft's injection) and make exactly
-    the LoRA and IITF parameters trainable. Returns the adapted module names."""
-    transformer.add_adapter(settings.peft_config(), adapter_name=adapter_name)
+    the LoRA and IITF parameters trainable. Returns the adapted module names.
+
+    peft draws the A matrices from the global RNG; drawing them under `seed` makes the
+    adapter, like every other draw of a run, a function of the run's seed (and equal on
+    every rank)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(settings.peft_config(), adapter_name=adapter_name)
     transformer.requires_grad_(False)
     for name, parameter in transformer.named_parameters():
         if ".lora_" in name:
@@ -143,7 +150,9 @@ def save_lora(transformer: nn.Module, folder: str | Path, adapter_name: str = "d
     peft_config.save_pretrained(str(folder))
 
     scale = config.lora_alpha / config.r
-    diffusers_layers = {key: value * scale if ".lora_B." in key else value for key, value in lora.items()}
+    diffusers_layers = {
+        key: (value.float() * scale).to(value.dtype) if ".lora_B." in key else value for key, value in lora.items()
+    }
     CogVideoXLoraLoaderMixin.save_lora_weights(
         folder,
         transformer_lora_layers=diffusers_layers,
