@@ -5,6 +5,7 @@ It wires plain parts together: the EchoVideo transformer (trained), the frozen e
 two-stage callback sets `face_latent_keep_prob`; everything else is configuration.
 """
 
+import collections
 from dataclasses import asdict
 from typing import Literal
 
@@ -42,6 +43,7 @@ from lightning_modules.training_levers import (
 DATA_COUNTERS = tuple(f"skipped/{reason}" for reason in SKIP_REASONS) + ("captions_truncated",)
 # `train/loss_by_timestep/...` splits the training timesteps into this many equal ranges.
 TIMESTEP_BUCKETS = 4
+TIMESTEP_WINDOW = 100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -117,6 +119,7 @@ class EchoVideoModule(pl.LightningModule):
         self.data_totals = self.data_counts.clone()
         self._unconditional: dict[str, torch.Tensor] = {}
         self._grad_norm_logged_at = 0
+        self._recent_loss_by_bucket = [collections.deque(maxlen=TIMESTEP_WINDOW) for _ in range(TIMESTEP_BUCKETS)]
 
     # ----------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -324,16 +327,20 @@ class EchoVideoModule(pl.LightningModule):
         return loss
 
     def _log_loss_by_timestep(self, sample_loss: torch.Tensor, timesteps: torch.Tensor) -> None:
-        """`train/loss_by_timestep/<first>-<last>`: the loss of this step's samples whose
-        timestep falls in each of TIMESTEP_BUCKETS equal ranges (only ranges that occur)."""
+        """`train/loss_by_timestep/<first>-<last>`: the mean loss of this rank's last
+        TIMESTEP_WINDOW samples whose timestep fell in each of TIMESTEP_BUCKETS equal ranges.
+
+        Every range seen so far is logged every step, so no curve repeats a stale value
+        (Lightning re-sends a key's last value at logging steps where it was not logged)."""
         num_train_timesteps = self.scheduler.config.num_train_timesteps
         width = -(-num_train_timesteps // TIMESTEP_BUCKETS)
-        bucket = torch.div(timesteps, width, rounding_mode="floor")
-        for index in bucket.unique().tolist():
-            chosen = bucket == index
-            first, last = index * width, min((index + 1) * width, num_train_timesteps) - 1
-            self.log(f"train/loss_by_timestep/{first:04d}-{last:04d}", sample_loss[chosen].mean(),
-                     on_step=True, on_epoch=False, batch_size=int(chosen.sum()))
+        for loss, timestep in zip(sample_loss.tolist(), timesteps.tolist()):
+            self._recent_loss_by_bucket[timestep // width].append(loss)
+        for index, recent in enumerate(self._recent_loss_by_bucket):
+            if recent:
+                first, last = index * width, min((index + 1) * width, num_train_timesteps) - 1
+                self.log(f"train/loss_by_timestep/{first:04d}-{last:04d}", sum(recent) / len(recent),
+                         on_step=True, on_epoch=False)
 
     def _learning_rate(self) -> float:
         return float(self.trainer.optimizers[0].param_groups[0]["lr"])
