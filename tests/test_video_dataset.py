@@ -192,7 +192,7 @@ def test_predict_samples_without_video(files):
 def datamodule(manifest, **overrides):
     from datamodules.video_datamodule import VideoFaceDataModule
 
-    options = dict(num_frames=4, frame_stride=3, height=16, width=16, face_size=12, batch_size=2,
+    options = dict(num_frames=5, frame_stride=3, height=16, width=16, face_size=12, batch_size=2,
                    num_workers=0, seed=3)
     options.update(overrides)
     return VideoFaceDataModule(str(manifest), **options)
@@ -229,7 +229,7 @@ def test_datamodule_train_loader_yields_contract_batches_and_syncs_epoch_to_work
         loader.sampler.set_epoch(epoch)  # what Lightning does at every epoch start
         order, starts = [], []
         for batch in loader:
-            assert batch[VIDEO].shape == (2, 3, 4, 16, 16) and batch[SKIPPED].sum().item() == 0
+            assert batch[VIDEO].shape == (2, 3, 5, 16, 16) and batch[SKIPPED].sum().item() == 0
             order += batch[SAMPLE_ID]
             levels = batch[VIDEO][:, :, 0].mean(dim=(1, 2, 3))
             starts += torch.round((levels + 1) * 127.5 / GRAY_STEP).int().tolist()
@@ -241,8 +241,8 @@ def test_datamodule_train_loader_yields_contract_batches_and_syncs_epoch_to_work
     for epoch, (order, starts) in enumerate(epochs):
         dataset.set_epoch(epoch)
         indices = [int(sample_id[1:]) for sample_id in order]
-        # 4 frames at stride 3 span 10 frames: NUM_VIDEO_FRAMES - 9 valid starts.
-        expected = [int(torch.randint(NUM_VIDEO_FRAMES - 9, (1,),
+        # 5 frames at stride 3 span 13 frames: NUM_VIDEO_FRAMES - 12 valid starts.
+        expected = [int(torch.randint(NUM_VIDEO_FRAMES - 12, (1,),
                                       generator=dataset.start_frame_generator(i)))
                     for i in indices]
         assert starts == expected
