@@ -37,13 +37,13 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from callbacks.training_throughput import TrainingThroughput  # noqa: E402
 from callbacks.two_stage_face_latent import TwoStageFaceLatentSchedule  # noqa: E402
 from lightning_modules.batch_features import encode_batch_features  # noqa: E402
 from lightning_modules.echovideo_module import EchoVideoModule  # noqa: E402
-from lightning_modules.tiny import build_tiny_identity_encoder, write_tiny_release  # noqa: E402
+from lightning_modules.tiny import RepeatedBatches, build_tiny_identity_encoder, write_tiny_release  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -68,17 +68,6 @@ def raw_batch(batch_size: int = 2, num_frames: int = 9, size: int = 32) -> dict:
         "caption": [f"a person number {i} smiles" for i in range(batch_size)],
         "sample_id": [f"sample_{i}" for i in range(batch_size)],
     }
-
-
-class Repeated(Dataset):
-    def __init__(self, batch: dict, length: int):
-        self.batch, self.length = batch, length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index):
-        return self.batch
 
 
 class HookTimer:
@@ -136,7 +125,7 @@ def measure(release: Path, features: dict, dashboards: bool, args, log_dir: Path
         log_every_n_steps=args.log_every_n_steps, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(log_dir),
     )
-    trainer.fit(build_module(release), DataLoader(Repeated(features, args.steps), batch_size=None))
+    trainer.fit(build_module(release), DataLoader(RepeatedBatches(features, args.steps), batch_size=None))
     (wall_0, cpu_0, hooks_0), (wall_1, cpu_1, hooks_1) = clock.ends[args.warmup - 1], clock.ends[-1]
     steps = len(clock.ends) - args.warmup
     return steps / (wall_1 - wall_0), 1e3 * (cpu_1 - cpu_0) / steps, 1e3 * (hooks_1 - hooks_0) / steps

@@ -239,3 +239,19 @@ def write_tiny_release(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return root
+
+
+class RepeatedBatches(torch.utils.data.Dataset):
+    """The same pre-collated batch, `length` times, for a DataLoader with `batch_size=None`.
+
+    Lets tests and benchmarks drive a Trainer with one fixed batch of the batch contract.
+    """
+
+    def __init__(self, batch: dict, length: int):
+        self.batch, self.length = batch, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        return self.batch

@@ -2,11 +2,11 @@
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_modules.echovideo_module import EchoVideoModule
 from lightning_modules.sampling import SamplingConfig
-from lightning_modules.tiny import build_tiny_identity_encoder
+from lightning_modules.tiny import RepeatedBatches, build_tiny_identity_encoder
 
 
 def build_module(release, **overrides) -> EchoVideoModule:
@@ -23,19 +23,6 @@ def build_module(release, **overrides) -> EchoVideoModule:
     module = EchoVideoModule(**kwargs)
     module.configure_model()
     return module
-
-
-class RepeatedBatches(Dataset):
-    """The same pre-collated batch, `length` times (a DataLoader with batch_size=None)."""
-
-    def __init__(self, batch: dict, length: int):
-        self.batch, self.length = batch, length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, index):
-        return self.batch
 
 
 def loader(batch: dict, length: int) -> DataLoader:
