@@ -1,5 +1,6 @@
 """The kit's one entry point: `echovideo {preprocess,fit,validate,predict} --config experiments/X.yaml`,
-and `echovideo consolidate CHECKPOINT OUT` (see lightning_modules/consolidate.py).
+`echovideo consolidate CHECKPOINT OUT` (see lightning_modules/consolidate.py),
+`echovideo generate ...` (echovideo/generate.py) and `echovideo evaluate ...` (echovideo/evaluate.py).
 
 Also reachable as `python -m echovideo`. Experiments compose with `class_path`/`init_args`
 (several `--config` files merge in order). Values that follow from others are derived
@@ -147,6 +148,14 @@ def follow_data_sizes(section) -> None:
 
     if video_size_problems("data", *(data_args.get(k) for k in ("num_frames", "height", "width"))):
         return  # the DataModule refuses them, naming the data key rather than a copy of it
+    frames = data_args.get("num_frames")
+    if sampling.get("num_frames") is None and frames is not None and video_size_problems(
+            "data", frames, None, None, decoded=True):
+        raise ExperimentError(
+            f"data.num_frames={frames}: sampled videos (validation, predict) follow the data's frames unless "
+            f"model.init_args.sampling.num_frames is set, and the VAE decodes only 8k+1 frames back; "
+            f"set model.init_args.sampling.num_frames (e.g. {frames + 4 if (frames - 1) % 8 else frames}) "
+            f"or train on 8k+1 frames")
     for key in ("num_frames", "height", "width"):
         if sampling.get(key) is None and data_args.get(key) is not None:
             sampling[key] = data_args[key]
@@ -259,6 +268,16 @@ def main(args=None) -> None:
         from lightning_modules.consolidate import main as consolidate
 
         consolidate(argv[1:])
+        return
+    if argv[:1] == ["generate"]:
+        from echovideo.generate import main as generate
+
+        generate(argv[1:])
+        return
+    if argv[:1] == ["evaluate"]:
+        from echovideo.evaluate import main as evaluate
+
+        evaluate(argv[1:])
         return
     EchoVideoCLI(args=args)
 

@@ -16,18 +16,23 @@ def encode_batch_features(
     video_size: tuple[int, int] | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | None = None,
+    with_face_latent: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Return the cached-feature keys, encoding from raw keys only what is missing.
 
     `encoders` is a `FrozenEncoders`. `video_size` (H, W) sizes the face latent when the
     batch holds no video (prediction); otherwise the video's own size is used.
     `latents` is absent from the result when the batch has neither `latents` nor `video`.
+    `with_face_latent=False` leaves an uncached face latent out (sampling draws it itself,
+    from the posterior, after the initial noise).
     """
     device = device or encoders.device
     features = {
         key: batch[key].to(device).float() for key in keys.CACHED_KEYS if key in batch
     }
-    needs_face = {keys.FACE_LATENT, keys.SIGLIP_TOKENS, keys.ARCFACE} - features.keys()
+    needs_face = {keys.SIGLIP_TOKENS, keys.ARCFACE} - features.keys()
+    if with_face_latent and keys.FACE_LATENT not in features:
+        needs_face.add(keys.FACE_LATENT)
     if needs_face and keys.FACE_IMAGE not in batch:
         raise KeyError(
             f"batch lacks {sorted(needs_face)} and the raw `{keys.FACE_IMAGE}` to encode them from"
@@ -39,7 +44,7 @@ def encode_batch_features(
         features[keys.LATENTS] = draw_latents(batch[keys.LATENT_MEAN], batch[keys.LATENT_STD], generator).to(device)
     if keys.LATENTS not in features and video is not None:
         features[keys.LATENTS] = encoders.encode_video(video.to(device), generator=generator)
-    if keys.FACE_LATENT not in features:
+    if with_face_latent and keys.FACE_LATENT not in features:
         if video is not None:
             video_size = tuple(video.shape[-2:])
         if video_size is None:

@@ -26,9 +26,10 @@ from lightning_modules.release_layout import load_scheduler, load_transformer, l
 from lightning_modules.sampling import (
     Conditions,
     SamplingConfig,
+    frames_from_video,
+    generate_latents,
     num_latent_frames_for,
     pad_face_latent,
-    sample_latents,
 )
 from lightning_modules.step_random import step_generator
 from lightning_modules.training_levers import (
@@ -421,37 +422,41 @@ class EchoVideoModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- sampling
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """Generate one video per batch entry; returns uint8 B x F x H x W x 3 frames."""
+        """Generate one video per batch entry; returns uint8 B x F x H x W x 3 frames.
+
+        Raw face images get the release's treatment (face latent drawn from the VAE
+        posterior after the initial noise, with the same generator); a cached face latent
+        is used as stored.
+        """
         cfg = self.sampling.resolved()
-        features = encode_batch_features(
-            self.encoders, batch, video_size=(cfg.height, cfg.width), device=self.device
-        )
-        batch_size = features[keys.FACE_LATENT].shape[0]
+        features = encode_batch_features(self.encoders, batch, device=self.device, with_face_latent=False)
+        batch_size = features[keys.TEXT_EMBEDS].shape[0]
+        if keys.FACE_LATENT in features:
+            face_latent = features[keys.FACE_LATENT]
+        else:
+            face_image = batch[keys.FACE_IMAGE]
+            face_latent = lambda generator: self.encoders.encode_face_latent(  # noqa: E731
+                face_image, cfg.height, cfg.width, generator=generator)
         uncond = self.unconditional(cfg.negative_prompt)
-        num_latent_frames = num_latent_frames_for(
-            cfg.num_frames, self.encoders.vae.config.temporal_compression_ratio
-        )
-        generator = step_generator(self.hparams.seed, batch_idx, self.global_rank, "predict")
-        latents = sample_latents(
+        vae_config = self.encoders.vae.config
+        spatial = 2 ** (len(vae_config.block_out_channels) - 1)
+        latents = generate_latents(
             self.transformer,
             self.sampling_scheduler,
-            features[keys.FACE_LATENT],
+            face_latent,
             cond=Conditions(features[keys.TEXT_EMBEDS], features[keys.SIGLIP_TOKENS], features[keys.ARCFACE]),
             uncond=Conditions(
                 *(uncond[k].expand(batch_size, *uncond[k].shape[1:])
                   for k in (keys.TEXT_EMBEDS, keys.SIGLIP_TOKENS, keys.ARCFACE))
             ),
-            num_latent_frames=num_latent_frames,
-            num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
-            use_dynamic_cfg=cfg.use_dynamic_cfg,
-            generator=generator,
-            show_progress=cfg.show_progress,
+            num_latent_frames=num_latent_frames_for(cfg.num_frames, vae_config.temporal_compression_ratio),
+            latent_size=(cfg.height // spatial, cfg.width // spatial),
+            settings=cfg,
+            generator=step_generator(self.hparams.seed, batch_idx, self.global_rank, "predict"),
+            device=self.device,
         )
-        video = self.encoders.decode_latents(latents)  # B x 3 x F x H x W in [-1, 1]
-        frames = ((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         return {
-            "frames": frames.permute(0, 2, 3, 4, 1).cpu(),
+            "frames": frames_from_video(self.encoders.decode_latents(latents)).cpu(),
             keys.SAMPLE_ID: list(batch.get(keys.SAMPLE_ID, [f"{batch_idx}_{i}" for i in range(batch_size)])),
             keys.CAPTION: list(batch.get(keys.CAPTION, [""] * batch_size)),
             "fps": cfg.fps,

@@ -4,9 +4,11 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKLCogVideoX
+from diffusers.video_processor import VideoProcessor
+from PIL import Image
 from torch import nn
 from transformers import PreTrainedTokenizerBase, SiglipImageProcessor, SiglipVisionModel, T5EncoderModel
 
@@ -19,8 +21,37 @@ from lightning_modules.release_layout import (
     load_vae,
 )
 
-# PIL resampling codes (what image processors store) -> torch interpolate modes.
-_PIL_RESAMPLE_TO_TORCH = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
+# The VAE's image preprocessing in the release's pipelines: PIL resize with Lanczos, then [-1, 1].
+_VAE_IMAGE_PROCESSOR = VideoProcessor(vae_scale_factor=8, resample="lanczos")
+
+
+def to_uint8_images(images: torch.Tensor) -> list[np.ndarray]:
+    """B x 3 x H x W in [0, 1] -> H x W x 3 uint8 RGB arrays (exact for crops read from 8-bit files)."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return list(pixels.permute(0, 2, 3, 1).cpu().numpy())
+
+
+def pad_to_video_aspect(face: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pad an H x W x 3 face with black, centred, to the video's aspect ratio, as released:
+    the new side is the truncated `int(side * W / H)` (or `* H / W` for portrait videos),
+    never smaller than the face, and top/left get the smaller half of the padding."""
+    face_height, face_width = face.shape[:2]
+    if width >= height:
+        new_height, new_width = face_height, max(face_width, int(face_height * width / height))
+    else:
+        new_height, new_width = max(face_height, int(face_width * height / width)), face_width
+    top, left = (new_height - face_height) // 2, (new_width - face_width) // 2
+    padded = np.zeros((new_height, new_width, 3), dtype=face.dtype)
+    padded[top : top + face_height, left : left + face_width] = face
+    return padded
+
+
+def face_image_for_vae(face: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """H x W x 3 uint8 face -> the VAE's 1 x 3 x height x width input in [-1, 1]: padded to
+    the video's aspect (`pad_to_video_aspect`), resized with Lanczos by diffusers' video
+    processor, as the release's pipeline prepares its image."""
+    padded = Image.fromarray(pad_to_video_aspect(face, height, width))
+    return _VAE_IMAGE_PROCESSOR.preprocess(padded, height=height, width=width).float()
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
@@ -110,11 +141,6 @@ class FrozenEncoders(nn.Module):
     def _install(self, name: str, part) -> None:
         if isinstance(part, nn.Module):
             part.requires_grad_(False).eval().to(self._device)
-        if name == "siglip_processor":
-            resample = int(part.resample)
-            if resample not in _PIL_RESAMPLE_TO_TORCH:
-                raise ValueError(f"SigLIP processor resampling {part.resample!r} has no torch equivalent")
-            self.siglip_resize_mode = _PIL_RESAMPLE_TO_TORCH[resample]
         setattr(self, name, part)
 
     def __getattr__(self, name: str):
@@ -190,43 +216,34 @@ class FrozenEncoders(nn.Module):
         return sum(length > self.max_text_seq_length for length in lengths)
 
     @torch.no_grad()
-    def encode_face_latent(self, face_image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def encode_face_latent(
+        self, face_image: torch.Tensor, height: int, width: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Square face crop in [0, 1] -> its scaled latent as ONE frame, B x 1 x C x h x w.
 
-        The crop is padded with black to the video's aspect ratio (centered) and resized to
-        height x width first, as the release does.
+        The crop goes through the release's path (`face_image_for_vae`): padded with black
+        to the video's aspect ratio, resized with Lanczos to height x width. The posterior's
+        mode without a generator (training), a draw from it with one (sampling, as released).
         """
-        size = face_image.shape[-1]
-        padded_height = max(size, round(size * height / width))
-        padded_width = max(size, round(size * width / height))
-        top, left = (padded_height - size) // 2, (padded_width - size) // 2
-        padded = F.pad(
-            face_image, (left, padded_width - size - left, top, padded_height - size - top), value=0.0
-        )
-        resized = F.interpolate(padded, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-        return self.encode_video((resized * 2 - 1).unsqueeze(2))
+        pixels = torch.cat([face_image_for_vae(face, height, width) for face in to_uint8_images(face_image)])
+        if generator is None:
+            return self.encode_video(pixels.unsqueeze(2))
+        # The draw exactly as the release's pipeline makes it: diffusers' posterior sample,
+        # its noise in the VAE's dtype, from the one generator of the whole call.
+        pixels = pixels.unsqueeze(2).to(device=self._device, dtype=_dtype_of(self.vae))
+        latent = self.vae.encode(pixels).latent_dist.sample(generator) * self.vae_scaling_factor
+        return latent.permute(0, 2, 1, 3, 4).float()
 
     @torch.no_grad()
     def encode_siglip(self, face_image: torch.Tensor) -> torch.Tensor:
         """Face crop in [0, 1] -> SigLIP last hidden state, B x N x D.
 
-        Reproduces the SigLIP image processor on tensors: resize with its resampling
-        (antialiased, as torchvision does), then normalise with its mean and std. A [0, 1]
-        input is already what the processor's rescale step produces.
+        As released: the crop as an 8-bit RGB image through the SigLIP image processor
+        (PIL resize, rescale, normalise). Crops read from 8-bit files pass unchanged.
         """
-        processor = self.siglip_processor
-        face_image = face_image.to(device=self._device, dtype=torch.float32)
-        antialias = self.siglip_resize_mode in ("bilinear", "bicubic")
-        resized = F.interpolate(
-            face_image,
-            size=(processor.size["height"], processor.size["width"]),
-            mode=self.siglip_resize_mode,
-            antialias=antialias,
-            **({"align_corners": False} if antialias else {}),
-        )
-        mean = torch.tensor(processor.image_mean, device=resized.device).view(1, -1, 1, 1)
-        std = torch.tensor(processor.image_std, device=resized.device).view(1, -1, 1, 1)
-        pixel_values = ((resized - mean) / std).to(_dtype_of(self.siglip))
+        images = [Image.fromarray(face) for face in to_uint8_images(face_image)]
+        pixel_values = self.siglip_processor(images=images, return_tensors="pt").pixel_values
+        pixel_values = pixel_values.to(device=self._device, dtype=_dtype_of(self.siglip))
         return self.siglip(pixel_values=pixel_values).last_hidden_state.float()
 
     @torch.no_grad()
@@ -245,5 +262,5 @@ class FrozenEncoders(nn.Module):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents B x f x C x h x w -> video B x 3 x F x H x W in [-1, 1]."""
         latents = latents.to(device=self._device, dtype=_dtype_of(self.vae))
-        video = self.vae.decode(latents.permute(0, 2, 1, 3, 4) / self.vae_scaling_factor).sample
+        video = self.vae.decode(1 / self.vae_scaling_factor * latents.permute(0, 2, 1, 3, 4)).sample
         return video.clamp(-1, 1).float()

@@ -1,9 +1,11 @@
 """Denoising loop of the EchoVideo release: CogVideoX schedulers, CFG, dynamic CFG.
 
-Plain torch: the LightningModule's predict step and any script call `sample_latents`.
+Plain torch: the LightningModule's predict step (and so validation videos) and the
+`echovideo generate` command all call `generate_latents`.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -37,7 +39,7 @@ class SamplingConfig:
     show_progress: bool = True
 
     def __post_init__(self):
-        problems = video_size_problems("model.sampling", self.num_frames, self.height, self.width)
+        problems = video_size_problems("model.sampling", self.num_frames, self.height, self.width, decoded=True)
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -66,37 +68,75 @@ def dynamic_guidance_scale(guidance_scale: float, timestep: int, num_inference_s
     return 1 + guidance_scale * ((1 - math.cos(math.pi * progress**5.0)) / 2)
 
 
+def initial_noise(shape: tuple[int, ...], scheduler: SchedulerMixin, generator: torch.Generator,
+                  dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The first latents, drawn on the CPU from `generator` in `dtype` (the transformer's, as
+    the release's pipeline does), so a seed gives the same video on any device."""
+    noise = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    return noise * scheduler.init_noise_sigma
+
+
 @torch.no_grad()
-def sample_latents(
+def generate_latents(
     transformer: EchoVideoTransformer3DModel,
     scheduler: SchedulerMixin,
-    face_latent: torch.Tensor,
+    face_latent: torch.Tensor | Callable[[torch.Generator], torch.Tensor],
     cond: Conditions,
     uncond: Conditions | None,
     num_latent_frames: int,
+    latent_size: tuple[int, int],
+    settings: SamplingConfig,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """Sample B x f x C x h x w latents with the release's order of random draws.
+
+    One generator serves the whole call: the initial noise first, then the face latent (a
+    callable drawing it from the VAE posterior with the generator, as released; or a tensor
+    B x 1 x C x h x w, scaled, already encoded), then every scheduler step.
+    """
+    batch = cond.text_embeds.shape[0]
+    shape = (batch, num_latent_frames, transformer.config.out_channels, *latent_size)
+    latents = initial_noise(shape, scheduler, generator, transformer.dtype, device)
+    if callable(face_latent):
+        face_latent = face_latent(generator)
+    return denoise(
+        transformer, scheduler, latents, face_latent.to(device), cond, uncond,
+        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+        use_dynamic_cfg=settings.use_dynamic_cfg, generator=generator, show_progress=settings.show_progress,
+    )
+
+
+@torch.no_grad()
+def denoise(
+    transformer: EchoVideoTransformer3DModel,
+    scheduler: SchedulerMixin,
+    latents: torch.Tensor,
+    face_latent: torch.Tensor,
+    cond: Conditions,
+    uncond: Conditions | None,
     num_inference_steps: int,
     guidance_scale: float,
     use_dynamic_cfg: bool,
     generator: torch.Generator,
     show_progress: bool = False,
 ) -> torch.Tensor:
-    """Generate B x f x C x h x w latents.
+    """Run the scheduler from `latents` (B x f x C x h x w) to the final latents.
 
     `face_latent` is B x 1 x C x h x w (scaled); it is zero-padded to all latent frames and
-    given unchanged to both CFG branches. `uncond` None disables CFG. Noise is drawn on the
-    CPU from `generator`, so a seed gives the same video on any device.
+    given unchanged to both CFG branches, which run as one batched forward (unconditional
+    first). `uncond` None disables CFG. Latents stay in the transformer's dtype between
+    steps and the prediction is taken in float32, as in the release's pipeline.
     """
-    device = face_latent.device
+    device = latents.device
     dtype = transformer.dtype
-    batch, _, channels, height, width = face_latent.shape
-    out_channels = transformer.config.out_channels
-    face_latent = pad_face_latent(face_latent, num_latent_frames).to(dtype)
+    num_latent_frames = latents.shape[1]
+    height, width = latents.shape[-2:]
+    face_latent = pad_face_latent(face_latent, num_latent_frames).to(device, dtype)
+    latents = latents.to(dtype)
 
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
-    shape = (batch, num_latent_frames, out_channels, height, width)
-    latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-    latents = latents * scheduler.init_noise_sigma
 
     do_cfg = uncond is not None and guidance_scale > 1.0
     branches = [uncond, cond] if do_cfg else [cond]
@@ -142,7 +182,15 @@ def sample_latents(
             )
         else:
             latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+        latents = latents.to(dtype)
     return latents
+
+
+def frames_from_video(video: torch.Tensor) -> torch.Tensor:
+    """Decoded video B x 3 x F x H x W in [-1, 1] -> uint8 frames B x F x H x W x 3, rounded
+    as diffusers' video processor does."""
+    frames = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return frames.permute(0, 2, 3, 4, 1)
 
 
 def pad_face_latent(face_latent: torch.Tensor, num_latent_frames: int) -> torch.Tensor:
@@ -159,9 +207,14 @@ SPATIAL_MULTIPLE = 16
 TEMPORAL_COMPRESSION = 4
 
 
-def video_size_problems(key: str, num_frames: int | None, height: int | None, width: int | None) -> list[str]:
+def video_size_problems(key: str, num_frames: int | None, height: int | None, width: int | None,
+                        decoded: bool = False) -> list[str]:
     """What the VAE and the transformer cannot take in a (frames, height, width) under `key`
-    (for example `data.height`), each with the nearest sizes that work; [] when all is well."""
+    (for example `data.height`), each with the nearest sizes that work; [] when all is well.
+
+    `decoded`: the size of a video the VAE will decode (sampling). Its decoder doubles
+    every pair of latent frames after the first, so only an odd number of latent frames
+    (8k+1 video frames: 9, 17, ..., 49) decodes back to the frames asked for."""
     problems = []
     for name, side in (("height", height), ("width", width)):
         if side is not None and (side <= 0 or side % SPATIAL_MULTIPLE):
@@ -172,6 +225,11 @@ def video_size_problems(key: str, num_frames: int | None, height: int | None, wi
         lower = max(1, num_frames - (num_frames - 1) % TEMPORAL_COMPRESSION)
         problems.append(f"{key}.num_frames={num_frames} is not 4k+1 (the VAE keeps the first frame and "
                         f"compresses the rest 4x); use {lower} or {lower + TEMPORAL_COMPRESSION}")
+    elif decoded and num_frames is not None and (num_frames - 1) % (2 * TEMPORAL_COMPRESSION):
+        latent_frames = (num_frames - 1) // TEMPORAL_COMPRESSION + 1
+        problems.append(f"{key}.num_frames={num_frames} makes {latent_frames} latent frames, which the VAE decodes "
+                        f"to {2 * TEMPORAL_COMPRESSION * (latent_frames // 2)} frames; a sampled video needs 8k+1 "
+                        f"frames: use {num_frames - TEMPORAL_COMPRESSION} or {num_frames + TEMPORAL_COMPRESSION}")
     return problems
 
 

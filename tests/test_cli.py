@@ -132,6 +132,7 @@ REFUSALS = {
     "--model.init_args.learning_rat=1e-4": "learning_rat",
     "--data.init_args.height=500": "data.height=500",
     "--data.init_args.num_frames=10": "data.num_frames=10",
+    "--data.init_args.num_frames=13": "set model.init_args.sampling.num_frames (e.g. 17)",
     "--model.init_args.sampling.width=100": "model.sampling.width=100",
     "--trainer.callbacks.init_args.stage_two_start_step=-1": "stage_two_start_step",
     "--trainer.callbacks.init_args.face_latent_keep_prob=1.5": "face_latent_keep_prob",
@@ -159,9 +160,9 @@ def test_run_dir_places_checkpoints_logs_configs_and_sizes_follow_the_data(demo_
     run, overrides = demo_setup
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     cli = EchoVideoCLI(args=["fit", "--config", str(EXPERIMENT), *overrides, "--trainer.max_steps=1",
-                             "--data.init_args.num_frames=5"])
+                             "--data.init_args.num_frames=1"])
     assert cli.trainer.default_root_dir == str(run)
     assert Path(cli.trainer.logger.log_dir) == run / "tensorboard"
     assert (run / "tensorboard" / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     sampling = cli.model.sampling
-    assert (sampling.num_frames, sampling.height, sampling.width) == (5, 32, 32)  # the data's
+    assert (sampling.num_frames, sampling.height, sampling.width) == (1, 32, 32)  # the data's

@@ -1,0 +1,274 @@
+"""One video from a photo and a prompt, as the public release makes it.
+
+`EchoVideoGenerator` holds the transformer, the frozen encoders, the scheduler and the face
+pipeline; `generate(request)` runs the release's whole path: the photo through the face
+pipeline (detect, align, parse, ArcFace), T5 of the prompt and of the negative prompt,
+SigLIP of the parsed face and of a black image, then `sampling.generate_latents` (noise,
+face latent drawn from the VAE posterior, 50 DPM steps with dynamic CFG in one batched
+forward) and the VAE decode. Knows nothing of Lightning; `echovideo generate` drives it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lightning_modules.frozen_encoders import FrozenEncoders
+from lightning_modules.release_layout import check_release_folder, load_scheduler, load_transformer
+from lightning_modules.sampling import (
+    Conditions,
+    SamplingConfig,
+    frames_from_video,
+    generate_latents,
+    num_latent_frames_for,
+    video_size_problems,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The release's sampling script: seed 42, and the DPM scheduler whatever the folder names.
+RELEASE_SEED = 42
+RELEASE_SCHEDULER = "CogVideoXDPMScheduler"
+
+
+class RequestError(ValueError):
+    """A generation request that cannot run, naming its file, line and field."""
+
+
+@dataclass
+class GenerationRequest:
+    """One video to make. Unset sizes follow the generator's sampling settings."""
+
+    prompt: str
+    face_image: str
+    seed: int = RELEASE_SEED
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None
+    id: str | None = None
+
+    def check(self, where: str) -> None:
+        problems = video_size_problems(where, self.num_frames, self.height, self.width, decoded=True)
+        if problems:
+            raise RequestError("; ".join(problems))
+
+    @property
+    def name(self) -> str:
+        return self.id if self.id is not None else Path(self.face_image).stem
+
+
+def read_requests(path: str | Path) -> list[GenerationRequest]:
+    """A JSONL of requests, one object per line (`prompt`, `face_image` required; `seed`,
+    `num_frames`, `height`, `width`, `negative_prompt`, `id` optional). Relative face image
+    paths are relative to the JSONL's folder; ids default to the line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise RequestError(f"{path}: no such requests file")
+    known = {f.name: f for f in fields(GenerationRequest)}
+    requests, ids = [], set()
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RequestError(f"{where}: not a JSON object ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise RequestError(f"{where}: not a JSON object")
+        unknown = sorted(set(record) - set(known))
+        if unknown:
+            raise RequestError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+        for name in ("prompt", "face_image"):
+            if not isinstance(record.get(name), str) or not record[name].strip():
+                raise RequestError(f"{where}: field '{name}' must be a non-empty string")
+        for name in ("seed", "num_frames", "height", "width"):
+            if record.get(name) is not None and (not isinstance(record[name], int) or isinstance(record[name], bool)):
+                raise RequestError(f"{where}: field '{name}' must be an integer, got {record[name]!r}")
+        record.setdefault("id", f"{number:05d}")
+        record["id"] = str(record["id"])
+        if record["id"] in ids:
+            raise RequestError(f"{where}: field 'id' repeats {record['id']!r}; ids name the output files")
+        ids.add(record["id"])
+        face = Path(record["face_image"])
+        record["face_image"] = str(face if face.is_absolute() else path.parent / face)
+        request = GenerationRequest(**record)
+        request.check(f"{where}: field")
+        requests.append(request)
+    if not requests:
+        raise RequestError(f"{path}: holds no requests")
+    return requests
+
+
+@dataclass
+class PreparedRequest:
+    """Everything a request needs before sampling: encoded once, reused by every step."""
+
+    face: np.ndarray  # the aligned, parsed face, S x S x 3 uint8 RGB
+    cond: Conditions
+    uncond: Conditions
+    sizes: tuple[int, int, int]  # frames, height, width
+    extras: dict = field(default_factory=dict)
+
+
+class EchoVideoGenerator:
+    """The release's inference path on the kit's parts (see the module docstring).
+
+    Args:
+        transformer, encoders, scheduler: the model; `encoders` needs no identity encoder
+            (the face pipeline gives the ArcFace embedding).
+        face_extractor: `datamodules.face_pipeline.FaceExtractor` on the release's
+            `face_encoder/` folder.
+        sampling: steps, guidance, sizes (unset: 49 x 480 x 848) and fps.
+        decode_dtype: dtype of the VAE decode after the loop (the release: float16 on GPU);
+            None keeps the VAE's dtype.
+        vae_tiling, vae_slicing: decode in tiles / one video at a time, as the release does.
+    """
+
+    def __init__(
+        self,
+        transformer,
+        encoders: FrozenEncoders,
+        scheduler,
+        face_extractor,
+        sampling: SamplingConfig | None = None,
+        device: torch.device | str = "cpu",
+        decode_dtype: torch.dtype | None = None,
+        vae_tiling: bool = True,
+        vae_slicing: bool = True,
+    ):
+        self.device = torch.device(device)
+        self.transformer = transformer.to(self.device).eval().requires_grad_(False)
+        self.encoders = encoders.place(self.device)
+        self.scheduler = scheduler
+        self.face_extractor = face_extractor
+        self.sampling = (sampling or SamplingConfig()).resolved()
+        self.decode_dtype = decode_dtype
+        if vae_tiling:
+            self.encoders.vae.enable_tiling()
+        if vae_slicing:
+            self.encoders.vae.enable_slicing()
+        self._unconditional: dict[str, Conditions] = {}
+
+    @classmethod
+    def from_folder(
+        cls,
+        pretrained_path: str | Path,
+        checkpoint: str | Path | None = None,
+        face_models: str | Path | None = None,
+        dtype: str = "bfloat16",
+        device: str | None = None,
+        sampling: SamplingConfig | None = None,
+        decode_dtype: str | None = "auto",
+        **options,
+    ) -> "EchoVideoGenerator":
+        """From a release-layout folder (the public release or `echovideo consolidate`'s
+        output) and, optionally, a Lightning checkpoint (file or ZeRO directory) whose
+        trained weights go over that folder's transformer. `face_models` defaults to the
+        folder's `face_encoder/`. `decode_dtype="auto"`: float16 on CUDA (the release),
+        else the model dtype."""
+        from datamodules.face_pipeline import FaceExtractor
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        root = check_release_folder(pretrained_path)
+        torch_dtype = DTYPES[dtype]
+        if checkpoint is not None:
+            from lightning_modules.consolidate import consolidated_transformer
+
+            transformer = consolidated_transformer(checkpoint, root)[0].to(torch_dtype)
+        else:
+            transformer = load_transformer(root, dtype=torch_dtype)
+        encoders = FrozenEncoders.from_release_folder(
+            root, identity_encoder=None, max_text_seq_length=transformer.config.max_text_seq_length,
+            dtype=torch_dtype)
+        scheduler = load_scheduler(root)
+        sampling = sampling or SamplingConfig(scheduler=RELEASE_SCHEDULER)
+        if sampling.scheduler is not None and type(scheduler).__name__ != sampling.scheduler:
+            import diffusers
+
+            scheduler = getattr(diffusers, sampling.scheduler).from_config(scheduler.config)
+        face_models = Path(face_models) if face_models is not None else root / "face_encoder"
+        face_extractor = FaceExtractor(face_models, device=device)
+        if decode_dtype == "auto":
+            decode_dtype = "float16" if torch.device(device).type == "cuda" else None
+        return cls(transformer, encoders, scheduler, face_extractor, sampling=sampling, device=device,
+                   decode_dtype=DTYPES[decode_dtype] if decode_dtype else None, **options)
+
+    # ------------------------------------------------------------------ steps
+    def unconditional(self, negative_prompt: str) -> Conditions:
+        """T5 of the negative prompt, SigLIP of a black image, zero ArcFace (cached)."""
+        if negative_prompt not in self._unconditional:
+            siglip = self.encoders.unconditional_siglip_tokens(1)
+            arcface = torch.zeros(1, self.transformer.config.face_features_embed_dim, device=self.device)
+            self._unconditional[negative_prompt] = Conditions(
+                self.encoders.encode_text([negative_prompt]), siglip, arcface)
+        return self._unconditional[negative_prompt]
+
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        """Face pipeline and encoders, once per request. A photo with no face raises
+        `SkippedSample` naming the photo."""
+        from datamodules.face_pipeline import read_photo
+        from datamodules.skip_reasons import SkippedSample
+
+        settings = self.settings_for(request)
+        try:
+            crop = self.face_extractor.extract(read_photo(request.face_image))
+        except SkippedSample as error:
+            raise SkippedSample(error.reason, f"{request.face_image}: {error.detail}") from None
+        face = torch.from_numpy(crop.aligned).permute(2, 0, 1)[None].float() / 255
+        cond = Conditions(
+            self.encoders.encode_text([request.prompt]),
+            self.encoders.encode_siglip(face),
+            torch.from_numpy(crop.arcface)[None].to(self.device),
+        )
+        negative = request.negative_prompt if request.negative_prompt is not None else settings.negative_prompt
+        return PreparedRequest(crop.aligned, cond, self.unconditional(negative),
+                               (settings.num_frames, settings.height, settings.width),
+                               extras={"detector": crop.detector})
+
+    def settings_for(self, request: GenerationRequest) -> SamplingConfig:
+        return replace(self.sampling, num_frames=request.num_frames or self.sampling.num_frames,
+                       height=request.height or self.sampling.height, width=request.width or self.sampling.width)
+
+    @torch.no_grad()
+    def sample(self, prepared: PreparedRequest, seed: int, settings: SamplingConfig) -> torch.Tensor:
+        """Latents 1 x f x C x h x w for a prepared request; one CPU generator seeded with
+        `seed` serves the whole call, in the release's order."""
+        num_frames, height, width = prepared.sizes
+        vae_config = self.encoders.vae.config
+        spatial = 2 ** (len(vae_config.block_out_channels) - 1)
+        face = torch.from_numpy(prepared.face).permute(2, 0, 1)[None].float() / 255
+        return generate_latents(
+            self.transformer, self.scheduler,
+            lambda generator: self.encoders.encode_face_latent(face, height, width, generator=generator),
+            prepared.cond, prepared.uncond,
+            num_latent_frames=num_latent_frames_for(num_frames, vae_config.temporal_compression_ratio),
+            latent_size=(height // spatial, width // spatial),
+            settings=settings,
+            generator=torch.Generator().manual_seed(seed),
+            device=self.device,
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> F x H x W x 3 uint8 frames (the VAE in `decode_dtype` for the decode only)."""
+        vae = self.encoders.vae
+        original = vae.dtype
+        if self.decode_dtype is not None and self.decode_dtype != original:
+            vae.to(self.decode_dtype)
+        try:
+            video = self.encoders.decode_latents(latents)
+        finally:
+            vae.to(original)
+        return frames_from_video(video)[0].cpu().numpy()
+
+    def generate(self, request: GenerationRequest) -> np.ndarray:
+        """F x H x W x 3 uint8 frames of one request."""
+        prepared = self.prepare(request)
+        return self.decode(self.sample(prepared, request.seed, self.settings_for(request)))

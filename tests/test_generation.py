@@ -1,0 +1,236 @@
+"""Generation: the kit's sampler against an independent reference of the release's
+formulation (docs: echovideo-facts.md, "Sampling as released"), the checkpoint ->
+consolidated folder -> video round trip, and `echovideo generate` on good and bad input."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import av
+import numpy as np
+import pytest
+import torch
+from diffusers import CogVideoXDPMScheduler
+from diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video import CogVideoXImageToVideoPipeline
+from diffusers.video_processor import VideoProcessor
+from PIL import Image
+
+from datamodules.face_pipeline import FaceExtractor, read_photo
+from echovideo.cli import main as echovideo_main
+from lightning_modules.generation import EchoVideoGenerator, GenerationRequest, RequestError, read_requests
+from lightning_modules.release_layout import load_scheduler, load_siglip, load_text_encoder, load_tokenizer, load_transformer, load_vae
+from lightning_modules.sampling import SamplingConfig
+from lightning_modules.tiny import TINY_TOKENIZER_MAX_LENGTH
+from module_helpers import build_module, loader, trainer
+
+FRAMES, HEIGHT, WIDTH, STEPS = 9, 64, 96, 3
+
+
+def write_face_photo(path, seed=0, size=(320, 256), face=True):
+    """A photo the tiny detector sees a face in: a bright textured square on a dark ground
+    (side 80 centred at (160, 112): 160 at (320, 224) in its 640 input, a stride-32 anchor)."""
+    rng = np.random.default_rng(seed)
+    photo = rng.integers(0, 40, (size[1], size[0], 3), dtype=np.uint8)
+    if face:
+        cx, cy, side = 160, 112, 80
+        half = side // 2
+        photo[cy - half:cy + half, cx - half:cx + half] = rng.integers(200, 256, (side, side, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    return write_face_photo(tmp_path_factory.mktemp("photos") / "person.png")
+
+
+def settings(**overrides):
+    values = dict(num_inference_steps=STEPS, num_frames=FRAMES, height=HEIGHT, width=WIDTH, fps=8,
+                  scheduler="CogVideoXDPMScheduler", show_progress=False)
+    values.update(overrides)
+    return SamplingConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_release, face_root):
+    # No VAE tiling here: the tiny VAE's tiles (32 pixels) are smaller than these videos, and
+    # diffusers' tiled encode gets the latent size wrong at that scale; at the release's size
+    # (tiles of 240 x 360 for 480 x 848) it is exact.
+    return EchoVideoGenerator.from_folder(tiny_release, face_models=face_root, dtype="float32", device="cpu",
+                                          sampling=settings(), vae_tiling=False)
+
+
+def release_reference(release, face_root, photo, prompt, seed, negative_prompt=""):
+    """The release's inference, written from the facts file with diffusers parts only:
+    latents after the loop and the uint8 frames."""
+    transformer = load_transformer(release)
+    vae, scheduler_config = load_vae(release), load_scheduler(release).config
+    scheduler = CogVideoXDPMScheduler.from_config(scheduler_config)
+    tokenizer, text_encoder = load_tokenizer(release), load_text_encoder(release)
+    siglip, processor = load_siglip(release)
+    crop = FaceExtractor(face_root).extract(read_photo(photo))
+
+    def t5(text):
+        ids = tokenizer([text], padding="max_length", max_length=TINY_TOKENIZER_MAX_LENGTH, truncation=True,
+                        add_special_tokens=True, return_tensors="pt").input_ids
+        return text_encoder(ids).last_hidden_state
+
+    def siglip_tokens(image):
+        return siglip(**processor(images=[Image.fromarray(image)], return_tensors="pt")).last_hidden_state
+
+    with torch.no_grad():
+        prompt_embeds = torch.cat([t5(negative_prompt), t5(prompt)])
+        face_tokens = torch.cat([siglip_tokens(np.zeros_like(crop.aligned)), siglip_tokens(crop.aligned)])
+        arcface = torch.cat([torch.zeros(1, 512), torch.from_numpy(crop.arcface)[None]])
+        arcface_tokens = arcface[:, None].repeat(1, transformer.config.face_features_seq_length, 1)
+
+        generator = torch.Generator().manual_seed(seed)
+        latent_frames, h, w = (FRAMES - 1) // 4 + 1, HEIGHT // 8, WIDTH // 8
+        latents = torch.randn((1, latent_frames, 16, h, w), generator=generator) * scheduler.init_noise_sigma
+        # The face: black bands to the video's aspect, int() of the new side, centred.
+        side = crop.aligned.shape[0]
+        canvas = Image.new("RGB", (int(side * WIDTH / HEIGHT), side))
+        canvas.paste(Image.fromarray(crop.aligned), ((canvas.width - side) // 2, 0))
+        image = VideoProcessor(vae_scale_factor=8).preprocess(canvas, height=HEIGHT, width=WIDTH)
+        image_latent = vae.encode(image.unsqueeze(2)).latent_dist.sample(generator) * vae.config.scaling_factor
+        image_latent = image_latent.permute(0, 2, 1, 3, 4)
+        image_latent = torch.cat([image_latent, torch.zeros(1, latent_frames - 1, 16, h, w)], dim=1)
+
+        rotary = CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings(
+            SimpleNamespace(vae_scale_factor_spatial=8, transformer=transformer), HEIGHT, WIDTH, latent_frames, "cpu")
+        scheduler.set_timesteps(STEPS)
+        timesteps, old_pred = scheduler.timesteps, None
+        for i, t in enumerate(timesteps):
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            model_input = torch.cat([model_input, torch.cat([image_latent] * 2)], dim=2)
+            noise_pred = transformer(hidden_states=model_input, encoder_hidden_states=prompt_embeds,
+                                     encoder_face_hidden_states=face_tokens,
+                                     encoder_face_feats_hidden_states=arcface_tokens,
+                                     timestep=t.expand(2), image_rotary_emb=rotary, return_dict=False)[0].float()
+            scale = 1 + 6.0 * ((1 - math.cos(math.pi * ((STEPS - t.item()) / STEPS) ** 5.0)) / 2)
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + scale * (cond - uncond)
+            latents, old_pred = scheduler.step(noise_pred, old_pred, t, timesteps[i - 1] if i > 0 else None,
+                                               latents, generator=generator, return_dict=False)
+        video = vae.decode(1 / vae.config.scaling_factor * latents.permute(0, 2, 1, 3, 4)).sample
+        frames = ((video / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 3, 0)
+    return latents, frames.numpy()
+
+
+def test_generation_equals_the_release_formulation(generator, tiny_release, face_root, photo):
+    request = GenerationRequest(prompt="a person number 1 smiles", face_image=str(photo), seed=7)
+    prepared = generator.prepare(request)
+    latents = generator.sample(prepared, request.seed, generator.settings_for(request))
+    frames = generator.decode(latents)
+
+    expected_latents, expected_frames = release_reference(tiny_release, face_root, photo, request.prompt, seed=7)
+    torch.testing.assert_close(latents, expected_latents, atol=1e-4, rtol=1e-4)
+    assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3) and frames.dtype == np.uint8
+    assert np.abs(frames.astype(int) - expected_frames.astype(int)).max() <= 1
+    # A seed reproduces; another seed differs.
+    assert np.array_equal(generator.generate(request), frames)
+    other = generator.generate(GenerationRequest(prompt=request.prompt, face_image=str(photo), seed=8))
+    assert not np.array_equal(other, frames)
+
+
+def test_checkpoint_and_its_consolidated_folder_generate_the_same_video(tiny_release, face_root, photo, tmp_path):
+    from conftest import make_raw_batch
+    from lightning_modules.batch_features import encode_batch_features
+
+    module = build_module(tiny_release, trainable="iitf", learning_rate=5e-2)
+    features = encode_batch_features(module.encoders, make_raw_batch(), generator=torch.Generator().manual_seed(0))
+    fit = trainer(tmp_path, max_steps=2)
+    fit.fit(module, loader(features, 2))
+    checkpoint = tmp_path / "run.ckpt"
+    fit.save_checkpoint(checkpoint)
+    echovideo_main(["consolidate", str(checkpoint), str(tmp_path / "consolidated")])
+
+    request = GenerationRequest(prompt="a person number 0 smiles", face_image=str(photo), seed=3)
+    options = dict(face_models=face_root, dtype="float32", device="cpu", sampling=settings(num_inference_steps=2),
+                   vae_tiling=False)
+    from_checkpoint = EchoVideoGenerator.from_folder(tiny_release, checkpoint=checkpoint, **options).generate(request)
+    from_folder = EchoVideoGenerator.from_folder(tmp_path / "consolidated", **options).generate(request)
+    from_release = EchoVideoGenerator.from_folder(tiny_release, **options).generate(request)
+    assert np.array_equal(from_checkpoint, from_folder)
+    assert not np.array_equal(from_checkpoint, from_release)  # the trained weights were used
+
+
+def read_mp4(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)], stream.average_rate
+
+
+def test_generate_command_one_video(tiny_release, face_root, photo, tmp_path):
+    out = tmp_path / "videos" / "clip.mp4"
+    echovideo_main(["generate", "--pretrained_path", str(tiny_release), "--face_models", str(face_root),
+                    "--prompt", "a person smiles", "--face_image", str(photo), "--out", str(out),
+                    "--num_frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH),
+                    "--num_inference_steps", "2", "--fps", "8", "--dtype", "float32", "--no_progress",
+                    "--no_vae_tiling"])
+    frames, rate = read_mp4(out)
+    assert len(frames) == FRAMES and frames[0].shape == (HEIGHT, WIDTH, 3) and rate == 8
+    sheet = Image.open(out.with_suffix(".png"))
+    assert sheet.size == (3 * WIDTH, 3 * HEIGHT)  # 9 frames, 3 x 3
+    record = json.loads((out.parent / "generated.jsonl").read_text())
+    assert record["video"] == str(out) and record["seed"] == 42
+
+
+def test_generate_command_runs_every_request_and_reports_a_photo_without_a_face(
+        tiny_release, face_root, photo, tmp_path, capsys):
+    write_face_photo(tmp_path / "empty.png", face=False)
+    write_face_photo(tmp_path / "other.png", seed=5)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "first", "face_image": str(photo), "id": "a", "seed": 1},
+        {"prompt": "no face here", "face_image": "empty.png", "id": "b"},
+        {"prompt": "third", "face_image": "other.png", "id": "c", "num_frames": 17},
+    ]) + "\n")
+    out_dir = tmp_path / "out"
+    args = ["generate", "--pretrained_path", str(tiny_release), "--face_models", str(face_root),
+            "--requests", str(requests), "--out_dir", str(out_dir), "--num_frames", str(FRAMES),
+            "--height", str(HEIGHT), "--width", str(WIDTH), "--num_inference_steps", "2",
+            "--dtype", "float32", "--no_progress", "--no_vae_tiling"]
+    with pytest.raises(SystemExit) as done:
+        echovideo_main(args)
+    assert done.value.code == 1
+    error = capsys.readouterr().err
+    assert "request b" in error and str(tmp_path / "empty.png") in error and "no face" in error
+    assert len(read_mp4(out_dir / "a.mp4")[0]) == FRAMES and len(read_mp4(out_dir / "c.mp4")[0]) == 17
+    assert not (out_dir / "b.mp4").exists()
+    records = {r["id"]: r for r in map(json.loads, (out_dir / "generated.jsonl").read_text().splitlines())}
+    assert "error" in records["b"] and "video" in records["a"] and "video" in records["c"]
+    # A second run keeps what exists and retries only the failure.
+    before = (out_dir / "a.mp4").stat().st_mtime_ns
+    with pytest.raises(SystemExit):
+        echovideo_main(args)
+    assert (out_dir / "a.mp4").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"prompt": "p"}, "field 'face_image'"),
+    ({"prompt": "p", "face_image": "f.png", "height": 100}, "height=100 is not a positive multiple of 16"),
+    ({"prompt": "p", "face_image": "f.png", "num_frames": 48}, "num_frames=48 is not 4k+1"),
+    ({"prompt": "p", "face_image": "f.png", "num_frames": 13}, "a sampled video needs 8k+1 frames: use 9 or 17"),
+    ({"prompt": "p", "face_image": "f.png", "sed": 1}, "unknown field(s) ['sed']"),
+    ({"prompt": "p", "face_image": "f.png", "seed": "one"}, "field 'seed' must be an integer"),
+])
+def test_bad_requests_are_refused_naming_file_line_and_field(tmp_path, line, message):
+    path = tmp_path / "requests.jsonl"
+    path.write_text(json.dumps({"prompt": "fine", "face_image": "f.png"}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(RequestError) as error:
+        read_requests(path)
+    assert f"{path}:2" in str(error.value) and message in str(error.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--height", "100"], "--height=100 is not a positive multiple of 16"),
+    (["--num_frames", "48"], "--num_frames=48 is not 4k+1"),
+    (["--out", "video.gif"], "must end in .mp4"),
+])
+def test_bad_flags_are_refused_before_any_model_loads(tmp_path, photo, capsys, flags, message):
+    args = ["generate", "--pretrained_path", str(tmp_path / "nowhere"), "--prompt", "p",
+            "--face_image", str(photo), "--out", str(tmp_path / "v.mp4"), *flags]
+    with pytest.raises(SystemExit) as done:
+        echovideo_main(args)
+    assert done.value.code == 2 and message in capsys.readouterr().err
