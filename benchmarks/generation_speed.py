@@ -11,6 +11,10 @@ plus the VAE decode. Settings, each a fresh model, all in one process:
 - `fused_qkv`: + one fused QKV projection per attention (diffusers; lossless).
 - `compiled`: + `torch.compile` of each transformer block (regional; lossless up to
   kernel rounding). The first video pays the compilation; it is reported apart.
+- `first_block_cache`: `compiled` + diffusers' first-block cache at `--cache-threshold`
+  (lossy: with random weights the skipped steps are not those of the real model, so
+  its speed-up here is only indicative; measure real speed and FaceSim-Arc with real
+  weights, `echovideo generate --first_block_cache T` and `echovideo evaluate`).
 
 On CUDA (default `--size release`): the release's sizes, 49 frames at 480x848, 50 steps.
 On a CPU (default `--size tiny`): the tiny model, float32, 9 frames at 64x96, to show the
@@ -36,7 +40,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
-SETTINGS = ("release", "fused_qkv", "compiled")
+SETTINGS = ("release", "fused_qkv", "compiled", "first_block_cache")
 
 
 def build_parts(size: str, device: torch.device, dtype: torch.dtype):
@@ -108,6 +112,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--videos", type=int, default=2, help="timed videos per setting (after one warm-up)")
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--cache-threshold", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()  # the notes about casting random models with .to()
@@ -139,9 +144,13 @@ def main() -> None:
             vae.enable_slicing()
         if setting in ("fused_qkv", "compiled"):
             transformer.fuse_qkv_projections()
-        if setting == "compiled":
+        if setting in ("compiled", "first_block_cache"):
             for block in transformer.transformer_blocks:
                 block.compile()
+        if setting == "first_block_cache":
+            from diffusers import FirstBlockCacheConfig
+
+            transformer.enable_cache(FirstBlockCacheConfig(threshold=args.cache_threshold))
         cond, uncond = random_conditions(transformer, device)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     speed.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     speed.add_argument("--fuse_qkv", action="store_true", help="one fused QKV projection per attention (diffusers)")
+    speed.add_argument("--first_block_cache", type=float, default=None, metavar="THRESHOLD",
+                       help="skip the other blocks while the first block's output changes by less than "
+                            "THRESHOLD (diffusers' first-block cache; lossy: measure it with echovideo evaluate)")
     speed.add_argument("--no_vae_tiling", action="store_true")
     speed.add_argument("--no_vae_slicing", action="store_true")
     parser.add_argument("--overwrite", action="store_true", help="regenerate videos that already exist")
@@ -130,6 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         device=device, sampling=sampling, vae_tiling=not args.no_vae_tiling, vae_slicing=not args.no_vae_slicing)
     if args.fuse_qkv:
         generator.transformer.fuse_qkv_projections()
+    if args.first_block_cache is not None:
+        from diffusers import FirstBlockCacheConfig
+
+        generator.transformer.enable_cache(FirstBlockCacheConfig(threshold=args.first_block_cache))
     if args.compile:
         from lightning_modules.training_levers import compile_transformer_blocks
 

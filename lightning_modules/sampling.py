@@ -4,6 +4,7 @@ Plain torch: the LightningModule's predict step (and so validation videos) and t
 `echovideo generate` command all call `generate_latents`.
 """
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -147,21 +148,27 @@ def denoise(
     face_input = torch.cat([face_latent] * len(branches))
     rotary = transformer.rotary_embeddings(num_latent_frames, height, width, device)
 
+    # A step cache (diffusers' `enable_cache`, e.g. first-block caching) starts afresh per video.
+    caching = getattr(transformer, "is_cache_enabled", False)
+    if caching:
+        transformer._reset_stateful_cache()
+
     is_dpm = isinstance(scheduler, CogVideoXDPMScheduler)
     old_pred_original_sample = None
     for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not show_progress, leave=False)):
         model_input = torch.cat([latents] * len(branches))
         model_input = scheduler.scale_model_input(model_input, t)
         model_input = torch.cat([model_input.to(dtype), face_input], dim=2)
-        prediction = transformer(
-            hidden_states=model_input,
-            encoder_hidden_states=text,
-            encoder_face_hidden_states=siglip,
-            encoder_face_feats_hidden_states=identity_tokens,
-            timestep=t.expand(model_input.shape[0]),
-            image_rotary_emb=rotary,
-            return_dict=False,
-        )[0].float()
+        with transformer.cache_context("cond_uncond") if caching else contextlib.nullcontext():
+            prediction = transformer(
+                hidden_states=model_input,
+                encoder_hidden_states=text,
+                encoder_face_hidden_states=siglip,
+                encoder_face_feats_hidden_states=identity_tokens,
+                timestep=t.expand(model_input.shape[0]),
+                image_rotary_emb=rotary,
+                return_dict=False,
+            )[0].float()
         if do_cfg:
             scale = (
                 dynamic_guidance_scale(guidance_scale, t.item(), num_inference_steps)

@@ -234,3 +234,44 @@ def test_bad_flags_are_refused_before_any_model_loads(tmp_path, photo, capsys, f
     with pytest.raises(SystemExit) as done:
         echovideo_main(args)
     assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+class BlockCalls:
+    """Counts how often the last transformer block really computes (its attention runs;
+    a cache hook answers the block's own call without running it)."""
+
+    def __init__(self, transformer):
+        self.count = 0
+        transformer.transformer_blocks[-1].attn1.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.count += 1
+
+
+def test_fused_qkv_is_lossless_and_first_block_cache_skips_steps(tiny_release, face_root, photo):
+    from diffusers import FirstBlockCacheConfig
+
+    request = GenerationRequest(prompt="a person smiles", face_image=str(photo), seed=5)
+    options = dict(face_models=face_root, dtype="float32", device="cpu", vae_tiling=False,
+                   sampling=settings(num_inference_steps=8))
+    plain = EchoVideoGenerator.from_folder(tiny_release, **options)
+    prepared = plain.prepare(request)
+    reference = plain.sample(prepared, 5, plain.settings_for(request))
+
+    plain.transformer.fuse_qkv_projections()
+    torch.testing.assert_close(plain.sample(prepared, 5, plain.settings_for(request)), reference,
+                               atol=1e-5, rtol=1e-5)
+
+    cached = EchoVideoGenerator.from_folder(tiny_release, **options)
+    calls = BlockCalls(cached.transformer)
+    cached.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    torch.testing.assert_close(cached.sample(prepared, 5, cached.settings_for(request)), reference)
+    assert calls.count == 8  # threshold 0: every step runs every block
+    cached.transformer.disable_cache()
+    cached.transformer.enable_cache(FirstBlockCacheConfig(threshold=10.0))
+    calls.count = 0
+    skipped = cached.sample(prepared, 5, cached.settings_for(request))
+    assert calls.count == 1 and not torch.allclose(skipped, reference)  # only the first step ran whole
+    calls.count = 0
+    again = cached.sample(prepared, 5, cached.settings_for(request))
+    assert calls.count == 1 and torch.equal(again, skipped)  # the cache starts afresh per video
