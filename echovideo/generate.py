@@ -128,9 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     mine = requests[rank::world]
-    generator = EchoVideoGenerator.from_folder(
-        args.pretrained_path, checkpoint=args.checkpoint, face_models=args.face_models, dtype=args.dtype,
-        device=device, sampling=sampling, vae_tiling=not args.no_vae_tiling, vae_slicing=not args.no_vae_slicing)
+    try:
+        generator = EchoVideoGenerator.from_folder(
+            args.pretrained_path, checkpoint=args.checkpoint, face_models=args.face_models, dtype=args.dtype,
+            device=device, sampling=sampling, vae_tiling=not args.no_vae_tiling,
+            vae_slicing=not args.no_vae_slicing)
+    except (OSError, ValueError) as error:  # a missing folder, part, face model or unusable checkpoint
+        parser.error(str(error))
     if args.fuse_qkv:
         generator.transformer.fuse_qkv_projections()
     if args.first_block_cache is not None:

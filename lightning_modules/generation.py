@@ -192,7 +192,11 @@ class EchoVideoGenerator:
         if sampling.scheduler is not None and type(scheduler).__name__ != sampling.scheduler:
             import diffusers
 
-            scheduler = getattr(diffusers, sampling.scheduler).from_config(scheduler.config)
+            scheduler_class = getattr(diffusers, sampling.scheduler, None)
+            if not (isinstance(scheduler_class, type) and hasattr(scheduler_class, "from_config")):
+                raise ValueError(f"scheduler={sampling.scheduler!r} is not a diffusers scheduler class; "
+                                 f"use {RELEASE_SCHEDULER} (the release's) or CogVideoXDDIMScheduler")
+            scheduler = scheduler_class.from_config(scheduler.config)
         face_models = Path(face_models) if face_models is not None else root / "face_encoder"
         face_extractor = FaceExtractor(face_models, device=device)
         if decode_dtype == "auto":

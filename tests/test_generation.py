@@ -275,3 +275,12 @@ def test_fused_qkv_is_lossless_and_first_block_cache_skips_steps(tiny_release, f
     calls.count = 0
     again = cached.sample(prepared, 5, cached.settings_for(request))
     assert calls.count == 1 and torch.equal(again, skipped)  # the cache starts afresh per video
+
+
+def test_missing_face_models_are_named(tiny_release, photo, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        echovideo_main(["generate", "--pretrained_path", str(tiny_release), "--prompt", "p",
+                        "--face_image", str(photo), "--out", str(tmp_path / "v.mp4")])
+    error = capsys.readouterr().err
+    assert done.value.code == 2
+    assert str(tiny_release / "face_encoder" / "models" / "antelopev2" / "scrfd_10g_bnkps.onnx") in error
