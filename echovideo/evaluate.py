@@ -1,0 +1,223 @@
+"""`echovideo evaluate`: the field's metrics on generated videos.
+
+    echovideo evaluate --videos videos.jsonl --face_models EchoVideo/face_encoder \\
+        --clip_model clip-vit-large-patch14/ --inception pt_inception-2015-12-05-6726825d.pth \\
+        --raft raft_large_C_T_SKHT_V2-ff5fadd5.pth --curricularface curricularface.pt --out eval/
+
+`videos.jsonl` holds one line per video: `video`, `face_image` (the reference photo),
+`prompt`, optional `id`; relative paths are relative to the JSONL's folder. The
+`generated.jsonl` that `echovideo generate` writes is accepted as is. Writes
+`OUT/per_video/<id>.json`, `OUT/summary.json` and `OUT/summary.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from datamodules.face_pipeline import FaceExtractor, read_photo
+from datamodules.files import file_stem_for
+from datamodules.skip_reasons import SkippedSample
+from lightning_modules.video_metrics import (
+    DEFAULT_NUM_FRAMES,
+    ClipScorer,
+    CurricularFace,
+    DynamicDegree,
+    FaceFID,
+    VideoDecodeError,
+    detect_faces,
+    facesim_arc,
+    facesim_cur,
+    not_computed,
+    read_sampled_frames,
+)
+
+PER_VIDEO_METRICS = ("facesim_arc", "facesim_cur", "clip_score", "dynamic_degree")
+
+
+class EvaluationInputError(ValueError):
+    """A bad line of the videos file, naming file, line and field."""
+
+
+def read_videos_file(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationInputError(f"{path}: no such videos file")
+    entries, ids = [], set()
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise EvaluationInputError(f"{where}: not a JSON object ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise EvaluationInputError(f"{where}: not a JSON object")
+        if "error" in record and "video" not in record:
+            continue  # a request `echovideo generate` could not make
+        for name in ("video", "face_image", "prompt"):
+            if not isinstance(record.get(name), str) or not record[name].strip():
+                raise EvaluationInputError(f"{where}: field '{name}' must be a non-empty string")
+        entry = {"id": str(record.get("id", Path(record["video"]).stem)), "prompt": record["prompt"]}
+        for name in ("video", "face_image"):
+            file = Path(record[name])
+            entry[name] = str(file if file.is_absolute() else path.parent / file)
+        if entry["id"] in ids:
+            raise EvaluationInputError(f"{where}: field 'id' repeats {entry['id']!r}")
+        ids.add(entry["id"])
+        entries.append(entry)
+    if not entries:
+        raise EvaluationInputError(f"{path}: holds no videos")
+    return entries
+
+
+def write_json(path: Path, value) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+class Evaluator:
+    """Loads the models that were given; `evaluate(entry)` scores one video."""
+
+    def __init__(self, face_models=None, curricularface=None, clip_model=None, inception=None, raft=None,
+                 raft_arch="large", num_frames=DEFAULT_NUM_FRAMES, device="cpu"):
+        self.num_frames = num_frames
+        self.extractor = FaceExtractor(face_models, device=device) if face_models else None
+        self.curricularface = CurricularFace(curricularface, device) if curricularface else None
+        self.clip = ClipScorer(clip_model, device) if clip_model else None
+        self.fid = FaceFID(inception, device=device) if inception else None
+        self.raft = DynamicDegree(raft, raft_arch, device) if raft else None
+        self._references: dict[str, tuple] = {}
+
+    def reference(self, photo: str):
+        """(RGB photo, its largest face) once per photo; SkippedSample names the photo."""
+        if photo not in self._references:
+            rgb = read_photo(photo)
+            try:
+                self._references[photo] = (rgb, self.extractor.extract(rgb))
+            except SkippedSample as error:
+                raise SkippedSample(error.reason, f"reference photo {photo}: {error.detail}") from None
+            if self.fid is not None:
+                self.fid.add([self._references[photo][1].aligned], real=True)
+        return self._references[photo]
+
+    def evaluate(self, entry: dict) -> dict:
+        result = {"id": entry["id"], "video": entry["video"], "face_image": entry["face_image"],
+                  "prompt": entry["prompt"]}
+        try:
+            frames = read_sampled_frames(entry["video"], self.num_frames)
+        except VideoDecodeError as error:
+            return {**result, "error": str(error)}
+        result["frames_sampled"] = len(frames)
+        result["clip_score"] = self.clip(frames, entry["prompt"]) if self.clip else not_computed(
+            "--clip_model (a local CLIP folder)")
+        result["dynamic_degree"] = self.raft(frames) if self.raft else not_computed(
+            "--raft (a torchvision RAFT state dict)")
+        if self.extractor is None:
+            result["facesim_arc"] = not_computed("--face_models (the release's face_encoder/ folder)")
+            result["facesim_cur"] = not_computed("--face_models and --curricularface")
+            return result
+        faces = detect_faces(self.extractor, frames)
+        if self.fid is not None:
+            self.fid.add([crop.aligned for _, crop in faces.found], real=False)
+        try:
+            reference_rgb, reference = self.reference(entry["face_image"])
+        except SkippedSample as error:
+            result["facesim_arc"] = result["facesim_cur"] = {"computed": False, "error": str(error)}
+            return result
+        result["facesim_arc"] = facesim_arc(reference, faces)
+        result["facesim_cur"] = (facesim_cur(self.curricularface, reference_rgb, reference, frames, faces)
+                                 if self.curricularface else not_computed("--curricularface (a TorchScript file)"))
+        return result
+
+
+def summarize(results: list[dict], fid: dict) -> dict:
+    summary = {"videos": len(results), "undecodable": [r["id"] for r in results if "error" in r]}
+    for name in PER_VIDEO_METRICS:
+        entries = [r[name] for r in results if name in r]
+        values = [e["value"] for e in entries if e.get("computed") and e.get("value") is not None]
+        wanted = next((e["wanted"] for e in entries if "wanted" in e), None)
+        summary[name] = {"value": float(np.mean(values)) if values else None, "videos_counted": len(values)}
+        if wanted and not values:
+            summary[name]["not_computed"] = f"wanted {wanted}"
+        if name.startswith("facesim"):
+            summary[name]["frames_without_face"] = sum(e.get("frames_without_face", 0) for e in entries)
+            summary[name]["errors"] = [e["error"] for e in entries if "error" in e]
+    summary["fid_faces"] = fid
+    return summary
+
+
+def summary_markdown(summary: dict) -> str:
+    lines = ["| metric | value | videos counted | notes |", "|---|---|---|---|"]
+    for name in (*PER_VIDEO_METRICS, "fid_faces"):
+        entry = summary[name]
+        value = entry.get("value")
+        notes = []
+        if entry.get("not_computed"):
+            notes.append(f"not computed: {entry['not_computed']}")
+        if entry.get("wanted"):
+            notes.append(f"not computed: wanted {entry['wanted']}")
+        if entry.get("reason"):
+            notes.append(entry["reason"])
+        if entry.get("frames_without_face"):
+            notes.append(f"{entry['frames_without_face']} sampled frames without a face skipped")
+        if entry.get("errors"):
+            notes.append(f"{len(entry['errors'])} reference photo(s) without a face")
+        counted = entry.get("videos_counted", entry.get("generated_crops", "-"))
+        shown = "not computed" if value is None else f"{value:.4f}"
+        lines.append(f"| {name} | {shown} | {counted} | {'; '.join(notes)} |")
+    if summary["undecodable"]:
+        lines.append(f"\n{len(summary['undecodable'])} video(s) could not be decoded: {', '.join(summary['undecodable'])}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="echovideo evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--videos", required=True, help="JSONL: video, face_image, prompt, optional id")
+    parser.add_argument("--out", required=True, help="folder for per_video/*.json, summary.json, summary.md")
+    parser.add_argument("--face_models", help="the release's face_encoder/ folder (FaceSim-Arc, face crops)")
+    parser.add_argument("--curricularface", help="CurricularFace as a TorchScript file (FaceSim-Cur)")
+    parser.add_argument("--clip_model", help="a local CLIP folder (CLIPScore)")
+    parser.add_argument("--inception", help="torch-fidelity InceptionV3 weights (FID on face crops)")
+    parser.add_argument("--raft", help="torchvision RAFT state dict (dynamic degree)")
+    parser.add_argument("--raft_arch", default="large", choices=("large", "small"))
+    parser.add_argument("--num_frames", type=int, default=DEFAULT_NUM_FRAMES, help="frames sampled per video")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.num_frames < 2:
+        parser.error(f"--num_frames {args.num_frames}: sample at least 2 frames")
+    if args.curricularface and not args.face_models:
+        parser.error("--curricularface needs --face_models (faces are found and aligned with them)")
+    if args.inception and not args.face_models:
+        parser.error("--inception needs --face_models (FID is computed on aligned face crops)")
+    try:
+        entries = read_videos_file(args.videos)
+        evaluator = Evaluator(args.face_models, args.curricularface, args.clip_model, args.inception, args.raft,
+                              args.raft_arch, args.num_frames, args.device)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+
+    out = Path(args.out)
+    (out / "per_video").mkdir(parents=True, exist_ok=True)
+    results = []
+    for entry in tqdm(entries, desc="evaluating", disable=args.no_progress):
+        result = evaluator.evaluate(entry)
+        write_json(out / "per_video" / f"{file_stem_for(entry['id'])}.json", result)
+        results.append(result)
+    fid = evaluator.fid.result() if evaluator.fid else {
+        "computed": False, "wanted": "--inception (torch-fidelity InceptionV3 weights) and --face_models"}
+    summary = summarize(results, fid)
+    write_json(out / "summary.json", summary)
+    temporary = out / ".summary.md.tmp"
+    temporary.write_text(summary_markdown(summary))
+    os.replace(temporary, out / "summary.md")
+    print(summary_markdown(summary))
