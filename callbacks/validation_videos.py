@@ -87,10 +87,15 @@ class ValidationVideos(pl.Callback):
         max_side: shrink frames so that their longer side is at most this many pixels
             (keeps event files small: a 49-frame 480 x 720 GIF is about 15 MB); null keeps
             the sampled size.
+        face_models: the release's `face_encoder/` folder; when given, each set of videos
+            is also scored: `val/facesim_arc` (mean over videos of the cosine between the
+            reference's ArcFace, the batch's `arcface` or that of its face crop, and that of
+            the largest face in each of `facesim_frames` uniformly sampled frames) and
+            `val/facesim_arc_frames_without_face` (frames skipped).
     """
 
     def __init__(self, every_n_steps: int, max_videos: int = 4, at_train_start: bool = False,
-                 max_side: int | None = 360):
+                 max_side: int | None = 360, face_models: str | None = None, facesim_frames: int = 16):
         if every_n_steps < 1:
             raise ValueError(f"ValidationVideos(every_n_steps={every_n_steps}): must be >= 1 optimizer steps")
         if max_videos < 1:
@@ -101,6 +106,9 @@ class ValidationVideos(pl.Callback):
         self.max_videos = max_videos
         self.at_train_start = at_train_start
         self.max_side = max_side
+        self.face_models = face_models
+        self.facesim_frames = facesim_frames
+        self._extractor = None
         self._batches: list[dict] | None = None
         self._logged_at: int | None = None
 
@@ -150,8 +158,42 @@ class ValidationVideos(pl.Callback):
                     gif = encode_gif(video, prediction.get("fps", 8), self.max_side)
                     file_writer.add_summary(gif_summary(tag, gif, caption), trainer.global_step)
                     tags.append(tag)
+            if self.face_models is not None:
+                for name, value in self.face_similarity(predictions, self._prompt_batches(trainer)).items():
+                    writer.add_scalar(f"val/{name}", value, trainer.global_step)
+                    tags.append(f"val/{name}")
             writer.flush()
         return tags
+
+    def face_similarity(self, predictions: list[dict], batches: list[dict]) -> dict[str, float]:
+        """FaceSim-Arc of the generated videos against their batches' reference faces."""
+        from datamodules import batch as keys
+        from datamodules.face_pipeline import FaceExtractor
+        from datamodules.skip_reasons import SkippedSample
+        from lightning_modules.video_metrics import detect_faces, facesim_arc, uniform_indices
+
+        if self._extractor is None:
+            self._extractor = FaceExtractor(self.face_models)
+        scores, without_face = [], 0
+        for prediction, batch in zip(predictions, batches):
+            for index, video in enumerate(prediction["frames"].numpy()):
+                if keys.ARCFACE in batch:
+                    reference = batch[keys.ARCFACE][index].float().cpu().numpy()
+                else:
+                    crop = (batch[keys.FACE_IMAGE][index].float().clamp(0, 1) * 255).round().byte()
+                    try:
+                        reference = self._extractor.extract(crop.permute(1, 2, 0).cpu().numpy()).arcface
+                    except SkippedSample:
+                        continue  # no face in the reference crop: nothing to compare with
+                frames = video[uniform_indices(len(video), self.facesim_frames)]
+                result = facesim_arc(reference, detect_faces(self._extractor, frames))
+                without_face += result["frames_without_face"]
+                if result["value"] is not None:
+                    scores.append(result["value"])
+        metrics = {"facesim_arc_frames_without_face": float(without_face)}
+        if scores:
+            metrics["facesim_arc"] = float(np.mean(scores))
+        return metrics
 
     def _generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[dict]) -> list[dict]:
         modes = {module: module.training for module in pl_module.modules()}

@@ -133,7 +133,7 @@ class Evaluator:
         except SkippedSample as error:
             result["facesim_arc"] = result["facesim_cur"] = {"computed": False, "error": str(error)}
             return result
-        result["facesim_arc"] = facesim_arc(reference, faces)
+        result["facesim_arc"] = facesim_arc(reference.arcface, faces)
         result["facesim_cur"] = (facesim_cur(self.curricularface, reference_rgb, reference, frames, faces)
                                  if self.curricularface else not_computed("--curricularface (a TorchScript file)"))
         return result

@@ -81,10 +81,10 @@ def detect_faces(extractor: FaceExtractor, frames: np.ndarray) -> FramesFaces:
     return FramesFaces(crops)
 
 
-def facesim_arc(reference: FaceCrop, faces: FramesFaces) -> dict:
+def facesim_arc(reference: np.ndarray, faces: FramesFaces) -> dict:
     """Mean cosine between the reference's ArcFace embedding and each frame's (largest
     face; frames without a face skipped and counted)."""
-    scores = [cosine(reference.arcface, crop.arcface) for _, crop in faces.found]
+    scores = [cosine(reference, crop.arcface) for _, crop in faces.found]
     result = {"computed": True, "value": float(np.mean(scores)) if scores else None, **faces.counts()}
     if not scores:
         result["reason"] = "no frame has a face"

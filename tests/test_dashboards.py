@@ -7,6 +7,7 @@ import math
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -299,6 +300,32 @@ def test_prompts_are_the_first_max_videos_of_the_predict_manifest(demo_data):
     assert videos._prompt_batches(fake_trainer) is batches
 
 
+def test_validation_facesim_is_the_mean_cosine_to_the_reference(face_root):
+    """Videos whose frames hold a face (the tiny detector's bright square) in some frames:
+    the score is the mean over videos of the mean cosine over frames with a face."""
+    from datamodules.face_pipeline import FaceExtractor
+    from lightning_modules.video_metrics import cosine
+
+    rng = np.random.default_rng(0)
+
+    def frame(face):
+        image = rng.integers(0, 40, (256, 320, 3), dtype=np.uint8)
+        if face:
+            image[72:152, 120:200] = rng.integers(200, 256, (80, 80, 3), dtype=np.uint8)
+        return image
+
+    videos = np.stack([np.stack([frame(face=i != 1) for i in range(4)]) for _ in range(2)])
+    references = torch.randn(2, 512, generator=torch.Generator().manual_seed(0))
+    callback = ValidationVideos(every_n_steps=1, face_models=str(face_root), facesim_frames=4)
+    metrics = callback.face_similarity([{"frames": torch.from_numpy(videos)}],
+                                       [{"arcface": references, "face_image": torch.zeros(2, 3, 8, 8)}])
+    extractor = FaceExtractor(face_root)
+    expected = np.mean([np.mean([cosine(references[v].numpy(), extractor.extract(videos[v, i]).arcface)
+                                 for i in (0, 2, 3)]) for v in range(2)])
+    assert metrics["facesim_arc"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["facesim_arc_frames_without_face"] == 2
+
+
 class ModeRecorder:
     """The module's mode and grad state inside every transformer call."""
 
@@ -318,7 +345,7 @@ def _events(directory):
     return events
 
 
-def test_tiny_fit_writes_every_dashboard_group(tiny_release, demo_data, tmp_path):
+def test_tiny_fit_writes_every_dashboard_group(tiny_release, demo_data, face_root, tmp_path):
     manifest, predict = demo_data
     module = build_module(tiny_release)
     modes = ModeRecorder(module)
@@ -326,7 +353,8 @@ def test_tiny_fit_writes_every_dashboard_group(tiny_release, demo_data, tmp_path
     callbacks = [
         TwoStageFaceLatentSchedule(stage_two_start_step=2, face_latent_keep_prob=0.5),
         TrainingThroughput(peak_tflops=1.0),
-        ValidationVideos(every_n_steps=2, max_videos=2, at_train_start=True),
+        ValidationVideos(every_n_steps=2, max_videos=2, at_train_start=True, face_models=str(face_root),
+                         facesim_frames=4),
         LearningRateMonitor(logging_interval="step"),
     ]
     fit = trainer(tmp_path, max_steps=3, logger=logger, log_every_n_steps=1, callbacks=callbacks)
@@ -337,7 +365,8 @@ def test_tiny_fit_writes_every_dashboard_group(tiny_release, demo_data, tmp_path
     for tag in ("train/loss", "optim/lr", "optim/grad_norm", "train/stage", "train/face_latent_keep_rate",
                 "perf/samples_per_sec", "perf/tokens_per_sec", "perf/tflops_per_sec_per_device",
                 "perf/hardware_tflops_per_sec_per_device", "perf/mfu",
-                "perf/dataloader_wait_sec", "data/skipped/unreadable_video", "data/captions_truncated"):
+                "perf/dataloader_wait_sec", "data/skipped/unreadable_video", "data/captions_truncated",
+                "val/facesim_arc_frames_without_face"):
         assert tag in scalars, (tag, sorted(scalars))
     assert any(tag.startswith("train/loss_by_timestep/") for tag in scalars), sorted(scalars)
     assert [e.value for e in events.Scalars("train/stage")] == [1.0, 1.0, 2.0]
