@@ -91,7 +91,8 @@ class ValidationVideos(pl.Callback):
             is also scored: `val/facesim_arc` (mean over videos of the cosine between the
             reference's ArcFace, the batch's `arcface` or that of its face crop, and that of
             the largest face in each of `facesim_frames` uniformly sampled frames) and
-            `val/facesim_arc_frames_without_face` (frames skipped).
+            `val/facesim_arc_frames_without_face` (frames skipped) and
+            `val/facesim_arc_references_without_face` (videos skipped: no face in the crop).
     """
 
     def __init__(self, every_n_steps: int, max_videos: int = 4, at_train_start: bool = False,
@@ -118,6 +119,10 @@ class ValidationVideos(pl.Callback):
         if stage != "fit":
             return
         self._check_prompt_source(trainer.datamodule)
+        if self.face_models is not None and self._extractor is None:
+            from datamodules.face_pipeline import FaceExtractor
+
+            self._extractor = FaceExtractor(self.face_models)  # names any missing face model now
         if self._tensorboard(trainer) is None:
             raise ValueError(
                 "ValidationVideos writes into TensorBoard: set trainer.logger to a "
@@ -174,7 +179,7 @@ class ValidationVideos(pl.Callback):
 
         if self._extractor is None:
             self._extractor = FaceExtractor(self.face_models)
-        scores, without_face = [], 0
+        scores, without_face, references_without_face = [], 0, 0
         for prediction, batch in zip(predictions, batches):
             for index, video in enumerate(prediction["frames"].numpy()):
                 if keys.ARCFACE in batch:
@@ -184,13 +189,15 @@ class ValidationVideos(pl.Callback):
                     try:
                         reference = self._extractor.extract(crop.permute(1, 2, 0).cpu().numpy()).arcface
                     except SkippedSample:
-                        continue  # no face in the reference crop: nothing to compare with
+                        references_without_face += 1  # nothing to compare with
+                        continue
                 frames = video[uniform_indices(len(video), self.facesim_frames)]
                 result = facesim_arc(reference, detect_faces(self._extractor, frames))
                 without_face += result["frames_without_face"]
                 if result["value"] is not None:
                     scores.append(result["value"])
-        metrics = {"facesim_arc_frames_without_face": float(without_face)}
+        metrics = {"facesim_arc_frames_without_face": float(without_face),
+                   "facesim_arc_references_without_face": float(references_without_face)}
         if scores:
             metrics["facesim_arc"] = float(np.mean(scores))
         return metrics

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,12 +91,34 @@ class Evaluator:
     def __init__(self, face_models=None, curricularface=None, clip_model=None, inception=None, raft=None,
                  raft_arch="large", num_frames=DEFAULT_NUM_FRAMES, device="cpu"):
         self.num_frames = num_frames
-        self.extractor = FaceExtractor(face_models, device=device) if face_models else None
-        self.curricularface = CurricularFace(curricularface, device) if curricularface else None
-        self.clip = ClipScorer(clip_model, device) if clip_model else None
-        self.fid = FaceFID(inception, device=device) if inception else None
-        self.raft = DynamicDegree(raft, raft_arch, device) if raft else None
+        # What each metric wanted: the flag when it was not given, the path and why when the
+        # model there could not be loaded (the metric is then reported as not computed).
+        self.wanted = {
+            "facesim_arc": "--face_models (the release's face_encoder/ folder)",
+            "facesim_cur": "--curricularface (a TorchScript file) and --face_models",
+            "clip_score": "--clip_model (a local CLIP folder)",
+            "fid_faces": "--inception (torch-fidelity InceptionV3 weights) and --face_models",
+            "dynamic_degree": "--raft (a torchvision RAFT state dict)",
+        }
+        self.extractor = self._load(("facesim_arc", "facesim_cur", "fid_faces"), face_models,
+                                    lambda: FaceExtractor(face_models, device=device))
+        self.curricularface = self._load(("facesim_cur",), curricularface,
+                                         lambda: CurricularFace(curricularface, device))
+        self.clip = self._load(("clip_score",), clip_model, lambda: ClipScorer(clip_model, device))
+        self.fid = self._load(("fid_faces",), inception, lambda: FaceFID(inception, device=device))
+        self.raft = self._load(("dynamic_degree",), raft, lambda: DynamicDegree(raft, raft_arch, device))
         self._references: dict[str, tuple] = {}
+
+    def _load(self, metrics: tuple[str, ...], path, build):
+        if not path:
+            return None
+        try:
+            return build()
+        except FileNotFoundError as error:
+            print(f"warning: {error}; {', '.join(metrics)} not computed", file=sys.stderr)
+            for metric in metrics:
+                self.wanted[metric] = f"{path} ({error})"
+            return None
 
     def reference(self, photo: str):
         """(RGB photo, its largest face) once per photo; SkippedSample names the photo."""
@@ -117,13 +140,12 @@ class Evaluator:
         except VideoDecodeError as error:
             return {**result, "error": str(error)}
         result["frames_sampled"] = len(frames)
-        result["clip_score"] = self.clip(frames, entry["prompt"]) if self.clip else not_computed(
-            "--clip_model (a local CLIP folder)")
-        result["dynamic_degree"] = self.raft(frames) if self.raft else not_computed(
-            "--raft (a torchvision RAFT state dict)")
+        result["clip_score"] = (self.clip(frames, entry["prompt"]) if self.clip
+                                else not_computed(self.wanted["clip_score"]))
+        result["dynamic_degree"] = self.raft(frames) if self.raft else not_computed(self.wanted["dynamic_degree"])
         if self.extractor is None:
-            result["facesim_arc"] = not_computed("--face_models (the release's face_encoder/ folder)")
-            result["facesim_cur"] = not_computed("--face_models and --curricularface")
+            result["facesim_arc"] = not_computed(self.wanted["facesim_arc"])
+            result["facesim_cur"] = not_computed(self.wanted["facesim_cur"])
             return result
         faces = detect_faces(self.extractor, frames)
         if self.fid is not None:
@@ -135,7 +157,7 @@ class Evaluator:
             return result
         result["facesim_arc"] = facesim_arc(reference.arcface, faces)
         result["facesim_cur"] = (facesim_cur(self.curricularface, reference_rgb, reference, frames, faces)
-                                 if self.curricularface else not_computed("--curricularface (a TorchScript file)"))
+                                 if self.curricularface else not_computed(self.wanted["facesim_cur"]))
         return result
 
 
@@ -213,8 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluator.evaluate(entry)
         write_json(out / "per_video" / f"{file_stem_for(entry['id'])}.json", result)
         results.append(result)
-    fid = evaluator.fid.result() if evaluator.fid else {
-        "computed": False, "wanted": "--inception (torch-fidelity InceptionV3 weights) and --face_models"}
+    fid = evaluator.fid.result() if evaluator.fid and evaluator.extractor else not_computed(evaluator.wanted["fid_faces"])
     summary = summarize(results, fid)
     write_json(out / "summary.json", summary)
     temporary = out / ".summary.md.tmp"

@@ -48,6 +48,25 @@ TIMESTEP_WINDOW = 100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def restore_torch_linear() -> None:
+    """Undo DeepSpeed ZeRO-3's process-wide swap of `torch.nn.functional.linear`.
+
+    `deepspeed.zero.Init` (entered around `configure_model` under ZeRO-3) replaces
+    `F.linear` with its memory-efficient version and leaves it so after the run ("This will
+    persist unless manually reset"). Later work in the same process then runs through it:
+    measured here, TorchScript can no longer save a module with a Linear. Called when a
+    stage ends, so nothing after a ZeRO-3 fit inherits it.
+    """
+    import sys
+
+    partition_parameters = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    if partition_parameters is None:
+        return
+    original = getattr(partition_parameters.InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is not original:
+        torch.nn.functional.linear = original
+
+
 class EchoVideoModule(pl.LightningModule):
     """EchoVideo training (v-prediction on the CogVideoX schedule) and sampling.
 
@@ -171,6 +190,9 @@ class EchoVideoModule(pl.LightningModule):
         self.encoders.place(self.device)
         self._unconditional = {}
         self.data_counts = self.data_counts.to(self.device)
+
+    def teardown(self, stage: str) -> None:
+        restore_torch_linear()
 
     def on_fit_start(self) -> None:
         self._place_encoders()

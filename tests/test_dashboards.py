@@ -285,6 +285,10 @@ def test_videos_need_a_predict_manifest_and_tensorboard(tiny_release, demo_data,
         fit.fit(build_module(tiny_release), datamodule=_datamodule(manifest, predict))
     with pytest.raises(ValueError, match="every_n_steps"):
         ValidationVideos(every_n_steps=0)
+    scored = ValidationVideos(every_n_steps=1, face_models=str(tmp_path / "no_faces"))
+    fit = trainer(tmp_path, max_steps=1, logger=TensorBoardLogger(tmp_path), callbacks=[scored])
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "no_faces")):
+        fit.fit(build_module(tiny_release), datamodule=_datamodule(manifest, predict))
 
 
 def test_prompts_are_the_first_max_videos_of_the_predict_manifest(demo_data):
@@ -324,6 +328,10 @@ def test_validation_facesim_is_the_mean_cosine_to_the_reference(face_root):
                                  for i in (0, 2, 3)]) for v in range(2)])
     assert metrics["facesim_arc"] == pytest.approx(expected, abs=1e-6)
     assert metrics["facesim_arc_frames_without_face"] == 2
+    # Without `arcface` in the batch the reference is the crop's own; a crop with no face is counted.
+    metrics = callback.face_similarity([{"frames": torch.from_numpy(videos)}],
+                                       [{"face_image": torch.zeros(2, 3, 64, 64)}])
+    assert metrics["facesim_arc_references_without_face"] == 2 and "facesim_arc" not in metrics
 
 
 class ModeRecorder:

@@ -213,14 +213,18 @@ def test_dynamic_degree_follows_vbench_rule(raft):
     assert result["value"] == 0 and result["pairs_needed"] == 4 and result["threshold"] == threshold
 
 
-def test_bad_videos_file_and_missing_models_are_refused_by_name(files, tmp_path, capsys):
+def test_bad_videos_file_refused_and_missing_models_named(files, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"video": "v.mp4", "prompt": "p"}) + "\n")
     with pytest.raises(SystemExit):
         echovideo_main(["evaluate", "--videos", str(bad), "--out", str(tmp_path / "o")])
     assert f"{bad}:1: field 'face_image'" in capsys.readouterr().err
-    videos = write_videos_file(files, [{"video": "person.mp4", "face_image": "reference.png", "prompt": "p"}])
-    with pytest.raises(SystemExit):
-        echovideo_main(["evaluate", "--videos", str(videos), "--raft", str(tmp_path / "none.pth"),
-                        "--out", str(tmp_path / "o")])
-    assert str(tmp_path / "none.pth") in capsys.readouterr().err
+    # A model path that does not exist: that metric is not computed, naming the path.
+    videos = write_videos_file(files, [{"video": "person.mp4", "face_image": "reference.png", "prompt": "p",
+                                        "id": "p"}])
+    echovideo_main(["evaluate", "--videos", str(videos), "--raft", str(tmp_path / "none.pth"),
+                    "--out", str(tmp_path / "o"), "--no_progress"])
+    result = json.loads((tmp_path / "o" / "per_video" / "p.json").read_text())
+    assert result["dynamic_degree"]["computed"] is False
+    assert str(tmp_path / "none.pth") in result["dynamic_degree"]["wanted"]
+    assert str(tmp_path / "none.pth") in (tmp_path / "o" / "summary.md").read_text()
