@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--facesim_frames", type=int, default=16)
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    parser.add_argument("--out", default=None, help="keep the videos here (default: a temporary folder)")
+    parser.add_argument("--out", default=None, help="keep the videos here (default: a temporary folder, removed)")
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()
 
@@ -144,7 +145,10 @@ def main() -> None:
         shown = f"{score:.4f}" if score is not None else "not computed (no face found)"
         print(f"| {name} | {median:.2f} | {baseline_seconds / median:.2f}x | {shown} | {change} | {without_face} |",
               flush=True)
-    print(f"\nvideos under {work}")
+    if args.out:
+        print(f"\nvideos under {work}")
+    else:
+        shutil.rmtree(work)
 
 
 if __name__ == "__main__":
