@@ -284,3 +284,18 @@ def test_missing_face_models_are_named(tiny_release, photo, tmp_path, capsys):
     error = capsys.readouterr().err
     assert done.value.code == 2
     assert str(tiny_release / "face_encoder" / "models" / "antelopev2" / "scrfd_10g_bnkps.onnx") in error
+
+
+def test_requests_are_shared_out_over_ranks(tiny_release, face_root, photo, tmp_path, monkeypatch):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps({"prompt": f"person {i}", "face_image": str(photo), "id": f"r{i}"})
+                                  for i in range(3)) + "\n")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    echovideo_main(["generate", "--pretrained_path", str(tiny_release), "--face_models", str(face_root),
+                    "--requests", str(requests), "--out_dir", str(tmp_path / "out"), "--num_frames", "9",
+                    "--height", str(HEIGHT), "--width", str(WIDTH), "--num_inference_steps", "1",
+                    "--dtype", "float32", "--no_progress", "--no_vae_tiling", "--device", "cpu"])
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.mp4")) == ["r1.mp4"]  # rank 1 of 2: the 2nd
+    index = (tmp_path / "out" / "generated.rank1.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in index] == ["r1"]
