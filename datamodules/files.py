@@ -1,8 +1,10 @@
 """Small file helpers shared by the data pipeline, the cache and the writers."""
 
+import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -23,3 +25,22 @@ def write_text_atomically(path: Path, text: str) -> None:
 def file_stem_for(sample_id: str) -> str:
     """A sample id made safe to use as a file name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id).strip("._") or "sample"
+
+
+def json_lines(path: str | Path, error: type[Exception], what: str) -> Iterator[tuple[int, str, dict]]:
+    """(line number, `file:line`, object) for each non-blank line of a JSONL file; a missing
+    file or a line that is not a JSON object raises `error` naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such {what} file")
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as problem:
+            raise error(f"{where}: not a JSON object ({problem.msg})") from None
+        if not isinstance(record, dict):
+            raise error(f"{where}: not a JSON object")
+        yield number, where, record

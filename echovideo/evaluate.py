@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules.face_pipeline import FaceExtractor, read_photo
-from datamodules.files import file_stem_for
+from datamodules.files import file_stem_for, json_lines, write_text_atomically
 from datamodules.skip_reasons import SkippedSample
 from lightning_modules.video_metrics import (
     DEFAULT_NUM_FRAMES,
@@ -48,19 +47,8 @@ class EvaluationInputError(ValueError):
 
 def read_videos_file(path: str | Path) -> list[dict]:
     path = Path(path)
-    if not path.is_file():
-        raise EvaluationInputError(f"{path}: no such videos file")
     entries, ids = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise EvaluationInputError(f"{where}: not a JSON object ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise EvaluationInputError(f"{where}: not a JSON object")
+    for number, where, record in json_lines(path, EvaluationInputError, "videos"):
         if "error" in record and "video" not in record:
             continue  # a request `echovideo generate` could not make
         for name in ("video", "face_image", "prompt"):
@@ -80,9 +68,7 @@ def read_videos_file(path: str | Path) -> list[dict]:
 
 
 def write_json(path: Path, value) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 class Evaluator:
@@ -238,7 +224,5 @@ def main(argv: list[str] | None = None) -> None:
     fid = evaluator.fid.result() if evaluator.fid and evaluator.extractor else not_computed(evaluator.wanted["fid_faces"])
     summary = summarize(results, fid)
     write_json(out / "summary.json", summary)
-    temporary = out / ".summary.md.tmp"
-    temporary.write_text(summary_markdown(summary))
-    os.replace(temporary, out / "summary.md")
+    write_text_atomically(out / "summary.md", summary_markdown(summary))
     print(summary_markdown(summary))

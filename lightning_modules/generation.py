@@ -10,13 +10,13 @@ forward) and the VAE decode. Knows nothing of Lightning; `echovideo generate` dr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from datamodules.files import json_lines
 from lightning_modules.frozen_encoders import FrozenEncoders
 from lightning_modules.release_layout import check_release_folder, load_scheduler, load_transformer
 from lightning_modules.sampling import (
@@ -66,20 +66,9 @@ def read_requests(path: str | Path) -> list[GenerationRequest]:
     `num_frames`, `height`, `width`, `negative_prompt`, `id` optional). Relative face image
     paths are relative to the JSONL's folder; ids default to the line number."""
     path = Path(path)
-    if not path.is_file():
-        raise RequestError(f"{path}: no such requests file")
     known = {f.name: f for f in fields(GenerationRequest)}
     requests, ids = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise RequestError(f"{where}: not a JSON object ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise RequestError(f"{where}: not a JSON object")
+    for number, where, record in json_lines(path, RequestError, "requests"):
         unknown = sorted(set(record) - set(known))
         if unknown:
             raise RequestError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")

@@ -4,7 +4,6 @@ mp4 files; absent models are reported as not computed; bad input is refused by n
 import json
 from unittest import mock
 
-import av
 import numpy as np
 import pytest
 import torch
