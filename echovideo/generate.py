@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from callbacks.video_writer import contact_sheet
+from datamodules.files import file_stem_for
 from datamodules.skip_reasons import SkippedSample
 from datamodules.video_io import write_mp4
 from lightning_modules.generation import (
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     progress = tqdm(mine, desc=f"videos (rank {rank}/{world})" if world > 1 else "videos",
                     disable=args.no_progress)
     for request in progress:
-        video_path = single if single is not None else out_dir / f"{request.name}.mp4"
+        video_path = single if single is not None else out_dir / f"{file_stem_for(request.name)}.mp4"
         record = {"id": request.name, "prompt": request.prompt, "face_image": request.face_image,
                   "seed": request.seed}
         if video_path.exists() and not args.overwrite:

@@ -78,6 +78,8 @@ def read_requests(path: str | Path) -> list[GenerationRequest]:
         for name in ("seed", "num_frames", "height", "width"):
             if record.get(name) is not None and (not isinstance(record[name], int) or isinstance(record[name], bool)):
                 raise RequestError(f"{where}: field '{name}' must be an integer, got {record[name]!r}")
+        if record.get("negative_prompt") is not None and not isinstance(record["negative_prompt"], str):
+            raise RequestError(f"{where}: field 'negative_prompt' must be a string")
         record.setdefault("id", f"{number:05d}")
         record["id"] = str(record["id"])
         if record["id"] in ids:
@@ -86,7 +88,7 @@ def read_requests(path: str | Path) -> list[GenerationRequest]:
         face = Path(record["face_image"])
         record["face_image"] = str(face if face.is_absolute() else path.parent / face)
         request = GenerationRequest(**record)
-        request.check(f"{where}: field")
+        request.check(f"{where}: request")
         requests.append(request)
     if not requests:
         raise RequestError(f"{path}: holds no requests")
