@@ -109,8 +109,8 @@ class Evaluator:
     def reference(self, photo: str):
         """(RGB photo, its largest face) once per photo; SkippedSample names the photo."""
         if photo not in self._references:
-            rgb = read_photo(photo)
             try:
+                rgb = read_photo(photo)
                 self._references[photo] = (rgb, self.extractor.extract(rgb))
             except SkippedSample as error:
                 raise SkippedSample(error.reason, f"reference photo {photo}: {error.detail}") from None

@@ -146,6 +146,7 @@ def test_every_metric_with_tiny_models_and_bad_inputs_reported_by_name(
         {"video": "other.mp4", "face_image": "reference2.png", "prompt": "a woman walks", "id": "b"},
         {"video": "broken.mp4", "face_image": "reference.png", "prompt": "broken", "id": "c"},
         {"video": "other.mp4", "face_image": "no_face.png", "prompt": "nobody", "id": "d"},
+        {"video": "other.mp4", "face_image": "missing.png", "prompt": "nobody", "id": "e"},
     ])
     echovideo_main(["evaluate", "--videos", str(videos), "--face_models", str(face_root),
                     "--curricularface", str(curricularface), "--clip_model", str(clip_folder),
@@ -154,6 +155,8 @@ def test_every_metric_with_tiny_models_and_bad_inputs_reported_by_name(
     per_video = {name: json.loads((tmp_path / "per_video" / f"{name}.json").read_text()) for name in "abcd"}
     assert "broken.mp4" in per_video["c"]["error"]  # named, and the others still ran
     assert str(files / "no_face.png") in per_video["d"]["facesim_arc"]["error"]
+    assert str(files / "missing.png") in json.loads((tmp_path / "per_video" / "e.json").read_text())[
+        "facesim_arc"]["error"]
     for name in "ab":
         for metric in ("facesim_arc", "facesim_cur", "clip_score", "dynamic_degree"):
             assert per_video[name][metric]["computed"], (name, metric)
@@ -163,9 +166,9 @@ def test_every_metric_with_tiny_models_and_bad_inputs_reported_by_name(
     assert summary["undecodable"] == ["c"] and summary["fid_faces"]["computed"]
     fid = summary["fid_faces"]
     # Frames 0, 3, 5, 8 of each video; frame 3 of person.mp4 (video a) has no face.
-    assert (fid["reference_crops"], fid["generated_crops"]) == (2, 3 + 4 + 4)
+    assert (fid["reference_crops"], fid["generated_crops"]) == (2, 3 + 4 + 4 + 4)
     assert np.isfinite(fid["value"]) and fid["value"] > 0
-    assert summary["clip_score"]["videos_counted"] == 3  # a, b, d
+    assert summary["clip_score"]["videos_counted"] == 4  # a, b, d, e
 
 
 def test_clip_score_equals_the_definition(clip_folder, files):
