@@ -178,7 +178,7 @@ def summary_markdown(summary: dict) -> str:
         if entry.get("frames_without_face"):
             notes.append(f"{entry['frames_without_face']} sampled frames without a face skipped")
         if entry.get("errors"):
-            notes.append(f"{len(entry['errors'])} reference photo(s) without a face")
+            notes.append(f"{len(entry['errors'])} reference photo(s) unreadable or without a face")
         counted = entry.get("videos_counted", entry.get("generated_crops", "-"))
         shown = "not computed" if value is None else f"{value:.4f}"
         lines.append(f"| {name} | {shown} | {counted} | {'; '.join(notes)} |")

@@ -28,7 +28,6 @@ from lightning_modules.sampling import (
     SamplingConfig,
     frames_from_video,
     generate_latents,
-    num_latent_frames_for,
     pad_face_latent,
 )
 from lightning_modules.step_random import step_generator
@@ -246,12 +245,8 @@ class EchoVideoModule(pl.LightningModule):
     def unconditional(self, negative_prompt: str = "") -> dict[str, torch.Tensor]:
         """Single-sample unconditional features: T5 of the prompt, SigLIP of black, zero ArcFace."""
         if negative_prompt not in self._unconditional:
-            arcface_dim = self.transformer.config.face_features_embed_dim
-            self._unconditional[negative_prompt] = {
-                keys.TEXT_EMBEDS: self.encoders.encode_text([negative_prompt]),
-                keys.SIGLIP_TOKENS: self.encoders.unconditional_siglip_tokens(1),
-                keys.ARCFACE: torch.zeros(1, arcface_dim, device=self.device),
-            }
+            self._unconditional[negative_prompt] = self.encoders.unconditional_features(
+                negative_prompt, self.transformer.config.face_features_embed_dim)
         return self._unconditional[negative_prompt]
 
     def _drop_conditions(self, features: dict, step: int, micro_batch: int) -> None:
@@ -459,20 +454,13 @@ class EchoVideoModule(pl.LightningModule):
             face_image = batch[keys.FACE_IMAGE]
             face_latent = lambda generator: self.encoders.encode_face_latent(  # noqa: E731
                 face_image, cfg.height, cfg.width, generator=generator)
-        uncond = self.unconditional(cfg.negative_prompt)
-        vae_config = self.encoders.vae.config
-        spatial = 2 ** (len(vae_config.block_out_channels) - 1)
         latents = generate_latents(
             self.transformer,
             self.sampling_scheduler,
             face_latent,
-            cond=Conditions(features[keys.TEXT_EMBEDS], features[keys.SIGLIP_TOKENS], features[keys.ARCFACE]),
-            uncond=Conditions(
-                *(uncond[k].expand(batch_size, *uncond[k].shape[1:])
-                  for k in (keys.TEXT_EMBEDS, keys.SIGLIP_TOKENS, keys.ARCFACE))
-            ),
-            num_latent_frames=num_latent_frames_for(cfg.num_frames, vae_config.temporal_compression_ratio),
-            latent_size=(cfg.height // spatial, cfg.width // spatial),
+            cond=Conditions.from_features(features),
+            uncond=Conditions.from_features(self.unconditional(cfg.negative_prompt), batch_size),
+            latent_grid=self.encoders.latent_grid(cfg.num_frames, cfg.height, cfg.width),
             settings=cfg,
             generator=step_generator(self.hparams.seed, batch_idx, self.global_rank, "predict"),
             device=self.device,

@@ -251,6 +251,26 @@ class FrozenEncoders(nn.Module):
         """Face crop in [0, 1] -> raw identity embedding, B x D_id."""
         return self.identity_encoder(face_image.to(self._device)).float()
 
+    def latent_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(latent frames, latent height, latent width) the VAE makes of a video of this size."""
+        from lightning_modules.sampling import num_latent_frames_for
+
+        config = self.vae.config
+        spatial = 2 ** (len(config.block_out_channels) - 1)
+        return num_latent_frames_for(num_frames, config.temporal_compression_ratio), height // spatial, width // spatial
+
+    @torch.no_grad()
+    def unconditional_features(self, negative_prompt: str, arcface_dim: int) -> dict[str, torch.Tensor]:
+        """One sample of the release's unconditional branch: T5 of the negative prompt, SigLIP
+        of an all-black face, zero ArcFace (batch keys of datamodules/batch.py)."""
+        from datamodules import batch as keys
+
+        return {
+            keys.TEXT_EMBEDS: self.encode_text([negative_prompt]),
+            keys.SIGLIP_TOKENS: self.unconditional_siglip_tokens(1),
+            keys.ARCFACE: torch.zeros(1, arcface_dim, device=self._device),
+        }
+
     @torch.no_grad()
     def unconditional_siglip_tokens(self, batch_size: int) -> torch.Tensor:
         """SigLIP tokens of an all-black face: the release's unconditional face branch."""

@@ -10,7 +10,7 @@ forward) and the VAE decode. Knows nothing of Lightning; `echovideo generate` dr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,6 @@ from lightning_modules.sampling import (
     SamplingConfig,
     frames_from_video,
     generate_latents,
-    num_latent_frames_for,
     video_size_problems,
 )
 
@@ -99,11 +98,9 @@ def read_requests(path: str | Path) -> list[GenerationRequest]:
 class PreparedRequest:
     """Everything a request needs before sampling: encoded once, reused by every step."""
 
-    face: np.ndarray  # the aligned, parsed face, S x S x 3 uint8 RGB
+    face: torch.Tensor  # the aligned, parsed face, 1 x 3 x S x S in [0, 1]
     cond: Conditions
     uncond: Conditions
-    sizes: tuple[int, int, int]  # frames, height, width
-    extras: dict = field(default_factory=dict)
 
 
 class EchoVideoGenerator:
@@ -197,12 +194,10 @@ class EchoVideoGenerator:
 
     # ------------------------------------------------------------------ steps
     def unconditional(self, negative_prompt: str) -> Conditions:
-        """T5 of the negative prompt, SigLIP of a black image, zero ArcFace (cached)."""
+        """The release's unconditional branch for a negative prompt (cached)."""
         if negative_prompt not in self._unconditional:
-            siglip = self.encoders.unconditional_siglip_tokens(1)
-            arcface = torch.zeros(1, self.transformer.config.face_features_embed_dim, device=self.device)
-            self._unconditional[negative_prompt] = Conditions(
-                self.encoders.encode_text([negative_prompt]), siglip, arcface)
+            self._unconditional[negative_prompt] = Conditions.from_features(self.encoders.unconditional_features(
+                negative_prompt, self.transformer.config.face_features_embed_dim))
         return self._unconditional[negative_prompt]
 
     def prepare(self, request: GenerationRequest) -> PreparedRequest:
@@ -211,7 +206,6 @@ class EchoVideoGenerator:
         from datamodules.face_pipeline import read_photo
         from datamodules.skip_reasons import SkippedSample
 
-        settings = self.settings_for(request)
         try:
             crop = self.face_extractor.extract(read_photo(request.face_image))
         except SkippedSample as error:
@@ -222,10 +216,8 @@ class EchoVideoGenerator:
             self.encoders.encode_siglip(face),
             torch.from_numpy(crop.arcface)[None].to(self.device),
         )
-        negative = request.negative_prompt if request.negative_prompt is not None else settings.negative_prompt
-        return PreparedRequest(crop.aligned, cond, self.unconditional(negative),
-                               (settings.num_frames, settings.height, settings.width),
-                               extras={"detector": crop.detector})
+        negative = request.negative_prompt if request.negative_prompt is not None else self.sampling.negative_prompt
+        return PreparedRequest(face, cond, self.unconditional(negative))
 
     def settings_for(self, request: GenerationRequest) -> SamplingConfig:
         return replace(self.sampling, num_frames=request.num_frames or self.sampling.num_frames,
@@ -233,18 +225,14 @@ class EchoVideoGenerator:
 
     @torch.no_grad()
     def sample(self, prepared: PreparedRequest, seed: int, settings: SamplingConfig) -> torch.Tensor:
-        """Latents 1 x f x C x h x w for a prepared request; one CPU generator seeded with
-        `seed` serves the whole call, in the release's order."""
-        num_frames, height, width = prepared.sizes
-        vae_config = self.encoders.vae.config
-        spatial = 2 ** (len(vae_config.block_out_channels) - 1)
-        face = torch.from_numpy(prepared.face).permute(2, 0, 1)[None].float() / 255
+        """Latents 1 x f x C x h x w for a prepared request at `settings`' size; one CPU
+        generator seeded with `seed` serves the whole call, in the release's order."""
+        height, width = settings.height, settings.width
         return generate_latents(
             self.transformer, self.scheduler,
-            lambda generator: self.encoders.encode_face_latent(face, height, width, generator=generator),
+            lambda generator: self.encoders.encode_face_latent(prepared.face, height, width, generator=generator),
             prepared.cond, prepared.uncond,
-            num_latent_frames=num_latent_frames_for(num_frames, vae_config.temporal_compression_ratio),
-            latent_size=(height // spatial, width // spatial),
+            latent_grid=self.encoders.latent_grid(settings.num_frames, height, width),
             settings=settings,
             generator=torch.Generator().manual_seed(seed),
             device=self.device,

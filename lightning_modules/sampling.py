@@ -14,6 +14,7 @@ from diffusers import CogVideoXDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
+from datamodules import batch as keys
 from lightning_modules.echovideo_transformer import EchoVideoTransformer3DModel
 
 
@@ -58,6 +59,14 @@ class Conditions:
     siglip_tokens: torch.Tensor
     arcface: torch.Tensor
 
+    @classmethod
+    def from_features(cls, features: dict[str, torch.Tensor], batch_size: int | None = None) -> "Conditions":
+        """From batch features (datamodules/batch.py keys); `batch_size` repeats a single sample."""
+        values = [features[key] for key in (keys.TEXT_EMBEDS, keys.SIGLIP_TOKENS, keys.ARCFACE)]
+        if batch_size is not None:
+            values = [value.expand(batch_size, *value.shape[1:]) for value in values]
+        return cls(*values)
+
 
 def dynamic_guidance_scale(guidance_scale: float, timestep: int, num_inference_steps: int) -> float:
     """CogVideoX's dynamic CFG, written as the release's pipelines compute it.
@@ -84,20 +93,21 @@ def generate_latents(
     face_latent: torch.Tensor | Callable[[torch.Generator], torch.Tensor],
     cond: Conditions,
     uncond: Conditions | None,
-    num_latent_frames: int,
-    latent_size: tuple[int, int],
+    latent_grid: tuple[int, int, int],
     settings: SamplingConfig,
     generator: torch.Generator,
     device: torch.device,
 ) -> torch.Tensor:
     """Sample B x f x C x h x w latents with the release's order of random draws.
 
+    `latent_grid` is (frames, height, width) of the latents (`FrozenEncoders.latent_grid`).
     One generator serves the whole call: the initial noise first, then the face latent (a
     callable drawing it from the VAE posterior with the generator, as released; or a tensor
     B x 1 x C x h x w, scaled, already encoded), then every scheduler step.
     """
+    num_latent_frames, latent_height, latent_width = latent_grid
     batch = cond.text_embeds.shape[0]
-    shape = (batch, num_latent_frames, transformer.config.out_channels, *latent_size)
+    shape = (batch, num_latent_frames, transformer.config.out_channels, latent_height, latent_width)
     latents = initial_noise(shape, scheduler, generator, transformer.dtype, device)
     if callable(face_latent):
         face_latent = face_latent(generator)

@@ -81,14 +81,17 @@ def detect_faces(extractor: FaceExtractor, frames: np.ndarray) -> FramesFaces:
     return FramesFaces(crops)
 
 
-def facesim_arc(reference: np.ndarray, faces: FramesFaces) -> dict:
-    """Mean cosine between the reference's ArcFace embedding and each frame's (largest
-    face; frames without a face skipped and counted)."""
-    scores = [cosine(reference, crop.arcface) for _, crop in faces.found]
+def _mean_over_faces(scores: list[float], faces: FramesFaces) -> dict:
     result = {"computed": True, "value": float(np.mean(scores)) if scores else None, **faces.counts()}
     if not scores:
         result["reason"] = "no frame has a face"
     return result
+
+
+def facesim_arc(reference: np.ndarray, faces: FramesFaces) -> dict:
+    """Mean cosine between the reference's ArcFace embedding and each frame's (largest
+    face; frames without a face skipped and counted)."""
+    return _mean_over_faces([cosine(reference, crop.arcface) for _, crop in faces.found], faces)
 
 
 class CurricularFace:
@@ -116,11 +119,8 @@ class CurricularFace:
 def facesim_cur(model: CurricularFace, reference_rgb: np.ndarray, reference: FaceCrop,
                 frames: np.ndarray, faces: FramesFaces) -> dict:
     target = model.embed(reference_rgb, reference.landmarks)
-    scores = [cosine(target, model.embed(frames[i], crop.landmarks)) for i, crop in faces.found]
-    result = {"computed": True, "value": float(np.mean(scores)) if scores else None, **faces.counts()}
-    if not scores:
-        result["reason"] = "no frame has a face"
-    return result
+    return _mean_over_faces([cosine(target, model.embed(frames[i], crop.landmarks)) for i, crop in faces.found],
+                            faces)
 
 
 class ClipScorer:
