@@ -136,16 +136,8 @@ def main(argv: list[str] | None = None) -> None:
             vae_slicing=not args.no_vae_slicing)
     except (OSError, ValueError) as error:  # a missing folder, part, face model or unusable checkpoint
         parser.error(str(error))
-    if args.fuse_qkv:
-        generator.transformer.fuse_qkv_projections()
-    if args.first_block_cache is not None:
-        from diffusers import FirstBlockCacheConfig
-
-        generator.transformer.enable_cache(FirstBlockCacheConfig(threshold=args.first_block_cache))
-    if args.compile:
-        from lightning_modules.training_levers import compile_transformer_blocks
-
-        compile_transformer_blocks(generator.transformer)
+    generator.use_speed_levers(fuse_qkv=args.fuse_qkv, first_block_cache=args.first_block_cache,
+                               compile_blocks=args.compile)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     index_path = out_dir / ("generated.jsonl" if world == 1 else f"generated.rank{rank}.jsonl")

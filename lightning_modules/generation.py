@@ -192,6 +192,30 @@ class EchoVideoGenerator:
         return cls(transformer, encoders, scheduler, face_extractor, sampling=sampling, device=device,
                    decode_dtype=DTYPES[decode_dtype] if decode_dtype else None, **options)
 
+    def use_speed_levers(
+        self, fuse_qkv: bool = False, first_block_cache: float | None = None, compile_blocks: bool = False
+    ) -> None:
+        """Turn on the sampling speed levers, each only if asked:
+
+        - `fuse_qkv`: one fused QKV projection per attention (diffusers; lossless);
+        - `first_block_cache`: diffusers' first-block cache at this threshold (lossy: a step
+          whose first block changes less than the threshold reuses the last residual; 0 runs
+          every step), None for none; an earlier cache is replaced either way;
+        - `compile_blocks`: `torch.compile` of each transformer block (regional).
+        """
+        if fuse_qkv:
+            self.transformer.fuse_qkv_projections()
+        if getattr(self.transformer, "is_cache_enabled", False):
+            self.transformer.disable_cache()
+        if first_block_cache is not None:
+            from diffusers import FirstBlockCacheConfig
+
+            self.transformer.enable_cache(FirstBlockCacheConfig(threshold=first_block_cache))
+        if compile_blocks:
+            from lightning_modules.training_levers import compile_transformer_blocks
+
+            compile_transformer_blocks(self.transformer)
+
     # ------------------------------------------------------------------ steps
     def unconditional(self, negative_prompt: str) -> Conditions:
         """The release's unconditional branch for a negative prompt (cached)."""

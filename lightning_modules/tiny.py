@@ -7,23 +7,13 @@ the whole release builds and writes to disk in about a second. `write_tiny_relea
 the parts out exactly as the public release does, so every loader can be exercised offline.
 """
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (
-    PreTrainedTokenizerFast,
-    SiglipImageProcessor,
-    SiglipVisionConfig,
-    SiglipVisionModel,
-    T5Config,
-    T5EncoderModel,
-)
+from transformers import PreTrainedTokenizerFast, SiglipImageProcessor, SiglipVisionModel, T5EncoderModel
 
+from lightning_modules import random_release
 from lightning_modules.echovideo_transformer import EchoVideoTransformer3DModel
 from lightning_modules.identity_encoder import TinyRandomRecognizer
 
@@ -44,15 +34,9 @@ TINY_VAE_CONFIG = {
     "sample_width": 64,
 }
 
-# T5's special ids (<pad>=0, </s>=1, <unk>=2) followed by a small caption vocabulary.
-TINY_TOKENIZER_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
-TINY_TOKENIZER_WORDS = tuple(
-    "a an the this that of and with in on at to is are his her their "
-    "man woman person boy girl child face hair eyes smile "
-    "walks walking runs running talks talking smiles smiling looks looking turns sits "
-    "park street room beach city camera light sun night day "
-    "red blue green black white young old happy slowly , .".split()
-)
+# The word-level stand-in for T5's tokenizer (see random_release.build_word_tokenizer).
+TINY_TOKENIZER_SPECIAL_TOKENS = random_release.WORD_TOKENIZER_SPECIAL_TOKENS
+TINY_TOKENIZER_WORDS = random_release.WORD_TOKENIZER_WORDS
 TINY_TOKENIZER_MAX_LENGTH = 16
 
 TINY_TEXT_ENCODER_CONFIG = {
@@ -88,20 +72,8 @@ TINY_SIGLIP_PROCESSOR_CONFIG = {
     "image_std": [0.5, 0.5, 0.5],
 }
 
-# The CogVideoX-5B scheduler config (v-prediction, zero-terminal-SNR, SNR shift 3.0).
-TINY_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": True,
-    "steps_offset": 0,
-    "timestep_spacing": "trailing",
-    "rescale_betas_zero_snr": True,
-    "prediction_type": "v_prediction",
-    "snr_shift_scale": 3.0,
-}
+# The tiny release uses the real scheduler: it has no weights to shrink.
+TINY_SCHEDULER_CONFIG = random_release.COGVIDEOX_5B_SCHEDULER_CONFIG
 
 TINY_IDENTITY_EMBED_DIM = 512
 
@@ -147,41 +119,21 @@ DEMO_TRANSFORMER_OVERRIDES = {"num_layers": 4, "num_attention_heads": 4, "attent
 
 
 def build_tiny_vae(seed: int = 0) -> AutoencoderKLCogVideoX:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoencoderKLCogVideoX(**TINY_VAE_CONFIG).eval()
+    return random_release.build_vae(TINY_VAE_CONFIG, seed)
 
 
 def build_tiny_text_encoder(seed: int = 0) -> T5EncoderModel:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return T5EncoderModel(T5Config(**TINY_TEXT_ENCODER_CONFIG)).eval()
+    return random_release.build_text_encoder(TINY_TEXT_ENCODER_CONFIG, seed)
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level T5-style tokenizer: lowercases, splits words and punctuation, maps
     unknown words to `<unk>` and appends `</s>`."""
-    vocab = {token: index for index, token in enumerate(TINY_TOKENIZER_SPECIAL_TOKENS + TINY_TOKENIZER_WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=TINY_TOKENIZER_MAX_LENGTH,
-    )
+    return random_release.build_word_tokenizer(TINY_TOKENIZER_MAX_LENGTH)
 
 
 def build_tiny_siglip(seed: int = 0) -> tuple[SiglipVisionModel, SiglipImageProcessor]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP_CONFIG)).eval()
-    return model, SiglipImageProcessor(**TINY_SIGLIP_PROCESSOR_CONFIG)
+    return random_release.build_siglip(TINY_SIGLIP_CONFIG, TINY_SIGLIP_PROCESSOR_CONFIG, seed)
 
 
 def build_tiny_scheduler() -> CogVideoXDPMScheduler:
@@ -194,9 +146,20 @@ def build_tiny_identity_encoder(seed: int = 0) -> TinyRandomRecognizer:
 
 
 def build_tiny_transformer(seed: int = 0, **overrides) -> EchoVideoTransformer3DModel:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return EchoVideoTransformer3DModel(**tiny_transformer_config(**overrides)).eval()
+    return random_release.build_transformer(tiny_transformer_config(**overrides), seed)
+
+
+def tiny_release_configs(**transformer_overrides) -> random_release.ReleaseConfigs:
+    """The tiny twin of every part (see `random_release.RELEASE_SIZE` for the real sizes)."""
+    return random_release.ReleaseConfigs(
+        transformer=tiny_transformer_config(**transformer_overrides),
+        vae=TINY_VAE_CONFIG,
+        text_encoder=TINY_TEXT_ENCODER_CONFIG,
+        tokenizer_max_length=TINY_TOKENIZER_MAX_LENGTH,
+        siglip=TINY_SIGLIP_CONFIG,
+        siglip_processor=TINY_SIGLIP_PROCESSOR_CONFIG,
+        scheduler=TINY_SCHEDULER_CONFIG,
+    )
 
 
 def write_tiny_release(
@@ -209,36 +172,11 @@ def write_tiny_release(
     """Write a tiny random release (the public release's layout) to `root` and return it.
 
     `vae` replaces the random VAE, e.g. with one already fitted to data. The folder appears
-    whole or not at all: it is built in a temporary sibling and renamed into place. An
-    existing non-empty `root` is replaced only with `overwrite=True`.
+    whole or not at all (see `random_release.write_random_release`). An existing non-empty
+    `root` is replaced only with `overwrite=True`.
     """
-    root = Path(root).expanduser().absolute()
-    if root.exists() and not overwrite and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root} exists and is not empty; pass overwrite=True to replace it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the release folder should not be
-    try:
-        build_tiny_transformer(seed, **(transformer_overrides or {})).save_pretrained(staging / "transformer")
-        (vae if vae is not None else build_tiny_vae(seed)).save_pretrained(staging / "vae")
-        build_tiny_text_encoder(seed).save_pretrained(staging / "text_encoder")
-        build_tiny_tokenizer().save_pretrained(staging / "tokenizer")
-        build_tiny_scheduler().save_pretrained(staging / "scheduler")
-        siglip, siglip_processor = build_tiny_siglip(seed)
-        siglip.save_pretrained(staging / "clip_visual_encoder")
-        siglip_processor.save_pretrained(staging / "clip_visual_encoder")
-        if root.exists():
-            # Move the old folder aside first: a rename cannot replace a non-empty folder.
-            retired = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent)) / root.name
-            os.replace(root, retired)
-            os.replace(staging, root)
-            shutil.rmtree(retired.parent)
-        else:
-            os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return root
+    return random_release.write_random_release(
+        root, tiny_release_configs(**(transformer_overrides or {})), seed=seed, vae=vae, overwrite=overwrite)
 
 
 class RepeatedBatches(torch.utils.data.Dataset):

@@ -225,3 +225,19 @@ def write_tiny_face_models(
     if with_parsing:
         torch.save(_bisenet_state(seed + 1), root / PARSING_FILE)
     return root
+
+
+def write_tiny_face_photo(path, seed: int = 0, size: tuple[int, int] = (320, 256), face: bool = True) -> Path:
+    """A width x height photo in which the tiny detector finds one face: a bright textured
+    square of side 80 centred at (160, 112) on a dark ground (160 at (320, 224) in the
+    detector's 640 input: a stride-32 anchor). `face=False`: the dark ground alone."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    photo = rng.integers(0, 40, (size[1], size[0], 3), dtype=np.uint8)
+    if face:
+        cx, cy, half = 160, 112, 40
+        photo[cy - half:cy + half, cx - half:cx + half] = rng.integers(200, 256, (2 * half, 2 * half, 3), dtype=np.uint8)
+    path = Path(path)
+    Image.fromarray(photo).save(path)
+    return path

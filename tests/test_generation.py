@@ -21,27 +21,15 @@ from lightning_modules.generation import EchoVideoGenerator, GenerationRequest, 
 from lightning_modules.release_layout import load_scheduler, load_siglip, load_text_encoder, load_tokenizer, load_transformer, load_vae
 from lightning_modules.sampling import SamplingConfig
 from lightning_modules.tiny import TINY_TOKENIZER_MAX_LENGTH
+from lightning_modules.tiny_face_models import write_tiny_face_photo
 from module_helpers import build_module, loader, trainer
 
 FRAMES, HEIGHT, WIDTH, STEPS = 9, 64, 96, 3
 
 
-def write_face_photo(path, seed=0, size=(320, 256), face=True):
-    """A photo the tiny detector sees a face in: a bright textured square on a dark ground
-    (side 80 centred at (160, 112): 160 at (320, 224) in its 640 input, a stride-32 anchor)."""
-    rng = np.random.default_rng(seed)
-    photo = rng.integers(0, 40, (size[1], size[0], 3), dtype=np.uint8)
-    if face:
-        cx, cy, side = 160, 112, 80
-        half = side // 2
-        photo[cy - half:cy + half, cx - half:cx + half] = rng.integers(200, 256, (side, side, 3), dtype=np.uint8)
-    Image.fromarray(photo).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory):
-    return write_face_photo(tmp_path_factory.mktemp("photos") / "person.png")
+    return write_tiny_face_photo(tmp_path_factory.mktemp("photos") / "person.png")
 
 
 def settings(**overrides):
@@ -178,8 +166,8 @@ def test_generate_command_one_video(tiny_release, face_root, photo, tmp_path):
 
 def test_generate_command_runs_every_request_and_reports_a_photo_without_a_face(
         tiny_release, face_root, photo, tmp_path, capsys):
-    write_face_photo(tmp_path / "empty.png", face=False)
-    write_face_photo(tmp_path / "other.png", seed=5)
+    write_tiny_face_photo(tmp_path / "empty.png", face=False)
+    write_tiny_face_photo(tmp_path / "other.png", seed=5)
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(json.dumps(r) for r in [
         {"prompt": "first", "face_image": str(photo), "id": "a", "seed": 1},
@@ -249,8 +237,6 @@ class BlockCalls:
 
 
 def test_fused_qkv_is_lossless_and_first_block_cache_skips_steps(tiny_release, face_root, photo):
-    from diffusers import FirstBlockCacheConfig
-
     request = GenerationRequest(prompt="a person smiles", face_image=str(photo), seed=5)
     options = dict(face_models=face_root, dtype="float32", device="cpu", vae_tiling=False,
                    sampling=settings(num_inference_steps=8))
@@ -258,23 +244,26 @@ def test_fused_qkv_is_lossless_and_first_block_cache_skips_steps(tiny_release, f
     prepared = plain.prepare(request)
     reference = plain.sample(prepared, 5, plain.settings_for(request))
 
-    plain.transformer.fuse_qkv_projections()
+    plain.use_speed_levers(fuse_qkv=True)
     torch.testing.assert_close(plain.sample(prepared, 5, plain.settings_for(request)), reference,
                                atol=1e-5, rtol=1e-5)
 
     cached = EchoVideoGenerator.from_folder(tiny_release, **options)
     calls = BlockCalls(cached.transformer)
-    cached.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    cached.use_speed_levers(first_block_cache=0.0)
     torch.testing.assert_close(cached.sample(prepared, 5, cached.settings_for(request)), reference)
     assert calls.count == 8  # threshold 0: every step runs every block
-    cached.transformer.disable_cache()
-    cached.transformer.enable_cache(FirstBlockCacheConfig(threshold=10.0))
+    cached.use_speed_levers(first_block_cache=10.0)  # replaces the cache above
     calls.count = 0
     skipped = cached.sample(prepared, 5, cached.settings_for(request))
     assert calls.count == 1 and not torch.allclose(skipped, reference)  # only the first step ran whole
     calls.count = 0
     again = cached.sample(prepared, 5, cached.settings_for(request))
     assert calls.count == 1 and torch.equal(again, skipped)  # the cache starts afresh per video
+    cached.use_speed_levers(first_block_cache=None)
+    calls.count = 0
+    torch.testing.assert_close(cached.sample(prepared, 5, cached.settings_for(request)), reference)
+    assert calls.count == 8  # no cache: every step runs every block
 
 
 def test_missing_face_models_are_named(tiny_release, photo, tmp_path, capsys):

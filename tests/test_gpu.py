@@ -57,11 +57,14 @@ def test_bf16_generation_on_gpu_reproduces_its_seed_and_follows_the_cpu_video(ti
     """The release's setting on a GPU: bf16, noise from a CPU generator, decode in float16.
     Same seed, same video; and close to the float32 CPU video of that seed."""
     from lightning_modules.generation import EchoVideoGenerator, GenerationRequest
-    from test_generation import settings, write_face_photo
+    from lightning_modules.sampling import SamplingConfig
+    from lightning_modules.tiny_face_models import write_tiny_face_photo
 
-    photo = write_face_photo(tmp_path / "person.png")
+    photo = write_tiny_face_photo(tmp_path / "person.png")
     request = GenerationRequest(prompt="a person smiles", face_image=str(photo), seed=11)
-    options = dict(face_models=face_root, vae_tiling=False, sampling=settings())
+    sampling = SamplingConfig(num_inference_steps=3, num_frames=9, height=64, width=96, fps=8,
+                              scheduler="CogVideoXDPMScheduler", show_progress=False)
+    options = dict(face_models=face_root, vae_tiling=False, sampling=sampling)
     gpu = EchoVideoGenerator.from_folder(tiny_release, dtype="bfloat16", device="cuda", **options)
     assert gpu.decode_dtype == torch.float16
     first = gpu.generate(request)

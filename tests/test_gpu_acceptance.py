@@ -1,0 +1,107 @@
+"""benchmarks/gpu_acceptance.py: its dry run (every part at tiny sizes on the CPU, each in its
+own process, as on a GPU), its budget, and the markdown it writes into docs/benchmarks.md."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_acceptance.py"
+PARTS = ("gpu_tests", "release_folder", "training", "preprocessing", "sampling", "training_memory_saving")
+
+
+def run_script(*args, timeout=900):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out, work = tmp_path_factory.mktemp("acceptance"), tmp_path_factory.mktemp("acceptance-work")
+    process = run_script("--dry-run", "--out", out, "--work", work)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    return out, json.loads((out / "acceptance.json").read_text()), process.stdout
+
+
+def test_dry_run_runs_every_part(dry_run):
+    out, report, stdout = dry_run
+    parts = report["parts"]
+    assert list(parts) == list(PARTS)
+    assert {name: part["status"] for name, part in parts.items()} == dict.fromkeys(PARTS, "ok")
+    # No CUDA here: the GPU tests are collected and each is reported as skipped, by name.
+    tests = parts["gpu_tests"]["tests"]
+    assert set(tests) == {"test_bf16_mixed_fit_on_gpu", "test_deepspeed_zero2_fit_and_resume",
+                          "test_bf16_generation_on_gpu_reproduces_its_seed_and_follows_the_cpu_video"}
+    assert {t["outcome"] for t in tests.values()} == {"skipped"}
+    assert report["environment"]["dry_run"] and report["environment"]["gpu"] is None
+    for name in PARTS:
+        assert (out / f"log_{name}.txt").stat().st_size > 0
+
+
+def test_dry_run_figures_come_from_the_real_parts(dry_run):
+    _, report, _ = dry_run
+    parts = report["parts"]
+    folder = parts["release_folder"]
+    assert folder["parameters_b"] > 0.001 and folder["gigabytes"] > 0.01
+
+    for name in ("training", "training_memory_saving"):
+        training = parts[name]
+        assert training["loss_finite"] and training["timed_steps"] == 2
+        assert training["seconds_per_step"] > 0 and training["mfu"] is None  # no peak known for a CPU
+        assert training["tokens"] == 16 + 3 * 4 * 6  # tiny text tokens + 3 x (64/8/2) x (96/8/2) patches
+    assert "ZeRO-2" in parts["training"]["strategy"]
+    assert "offload" in parts["training_memory_saving"]["strategy"]
+    assert parts["training_memory_saving"]["optimizer"] == parts["training"]["optimizer"] == "AdamW"
+
+    preprocessing = parts["preprocessing"]
+    assert set(preprocessing["seconds_per_encoder"]) == {"vae_posterior", "face_latent", "siglip", "t5"}
+    assert preprocessing["hours_per_100k_clips"] == pytest.approx(
+        100_000 * preprocessing["seconds_per_clip"] / 3600)
+
+    sampling = parts["sampling"]
+    assert sampling["decoded_frames"] == [9, 64, 96, 3]
+    assert list(sampling["settings"]) == ["release", "first_block_cache_0.05", "first_block_cache_0.1",
+                                          "fused_qkv", "fused_qkv_compiled"]
+    for setting in sampling["settings"].values():
+        assert setting["finite"] and setting["seconds_per_step"] > 0
+        assert setting["video_s_extrapolated"] == pytest.approx(
+            setting["setup_s"] + 50 * setting["seconds_per_step"] + sampling["decode_s"])
+
+
+def test_markdown_tables_and_render_into_the_benchmarks_page(dry_run, tmp_path):
+    out, report, stdout = dry_run
+    markdown = (out / "acceptance.md").read_text()
+    assert markdown.strip() in stdout  # printed last, as written
+    for heading in ("| part | status | seconds |", "| tests/test_gpu.py | outcome |", "| training (batch 1) |",
+                    "| preprocessing (per clip) |", "| setting | warm-up"):
+        assert heading in markdown
+    assert report["environment"]["command"] in markdown
+
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Figures\n\n<!-- gpu-acceptance:start -->\nold figures\n<!-- gpu-acceptance:end -->\n\nCPU rows\n")
+    process = run_script("--render", out / "acceptance.json", "--into", page, timeout=120)
+    assert process.returncode == 0, process.stderr
+    text = page.read_text()
+    assert "old figures" not in text and markdown.strip() in text and text.endswith("\n\nCPU rows\n")
+
+    page.write_text("# Figures without markers\n")
+    process = run_script("--render", out / "acceptance.json", "--into", page, timeout=120)
+    assert process.returncode != 0 and "gpu-acceptance:start" in process.stderr
+    assert page.read_text() == "# Figures without markers\n"  # left as it was
+
+
+def test_parts_past_the_budget_are_skipped_by_name(tmp_path):
+    process = run_script("--dry-run", "--budget-s", "1", "--parts", "release_folder,training", "--out", tmp_path,
+                         timeout=300)
+    assert process.returncode == 0, process.stderr
+    parts = json.loads((tmp_path / "acceptance.json").read_text())["parts"]
+    assert parts["release_folder"]["status"] == "skipped" and "budget" in parts["release_folder"]["reason"]
+    assert parts["training"] == {"status": "skipped", "reason": "no release folder (see release_folder)"}
+
+
+def test_unknown_part_is_refused():
+    process = run_script("--dry-run", "--parts", "training,warp_drive", "--out", "/tmp/unused", timeout=120)
+    assert process.returncode == 2 and "warp_drive" in process.stderr
