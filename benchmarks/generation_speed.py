@@ -47,13 +47,13 @@ def build_parts(size: str, device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler
 
     from lightning_modules.echovideo_transformer import EchoVideoTransformer3DModel
+    from lightning_modules.random_release import RELEASE_SIZE
     from lightning_modules.tiny import TINY_SCHEDULER_CONFIG, TINY_VAE_CONFIG, tiny_transformer_config
 
     torch.manual_seed(0)
     if size == "release":
-        transformer = EchoVideoTransformer3DModel()  # defaults are the release's sizes
-        vae = AutoencoderKLCogVideoX()  # CogVideoX's VAE (scaling factor set below)
-        vae.register_to_config(scaling_factor=0.7)
+        transformer = EchoVideoTransformer3DModel(**RELEASE_SIZE.transformer)
+        vae = AutoencoderKLCogVideoX(**RELEASE_SIZE.vae)
     else:
         transformer = EchoVideoTransformer3DModel(**tiny_transformer_config())
         vae = AutoencoderKLCogVideoX(**TINY_VAE_CONFIG)

@@ -15,7 +15,7 @@
 # Everything that travels with a device call must stay under 64 MiB, so the total is checked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=.whl
+OUT=.whl   # ignored by git (.gitignore): it travels only when a device call carries it
 LIMIT_MB=${LIMIT_MB:-56}   # leaves room for the working tree in the 64 MiB a call carries
 
 VENV_PY=.venv/bin/python   # `make install` makes it; the versions below are the ones the suite runs
@@ -25,7 +25,7 @@ version() { "$VENV_PY" -c "import importlib.metadata, sys; print(importlib.metad
 # What the acceptance run imports that the image lacks (traced over a dry run), and what
 # those import in turn: diffusers; DeepSpeed's pydantic and hjson; insightface's albumentations
 # (imported by insightface.app) with albucore, simsimd and stringzilla; facexlib.
-# typing-extensions travels because pydantic needs a newer one than some images hold.
+# typing-extensions travels because this pydantic needs 4.16 or newer, which the image may lack.
 DOWNLOAD=(diffusers hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions
           albumentations albucore simsimd stringzilla facexlib)
 
@@ -40,9 +40,6 @@ fi
 if [ -z "${PYTHON312:-}" ]; then
     echo "needs a Python 3.12 to build insightface for the GPU image (set PYTHON312=/path/to/python3.12)" >&2
     exit 1
-fi
-if ! grep -qx '/.whl/' .git/info/exclude 2>/dev/null; then
-    echo '/.whl/' >> .git/info/exclude
 fi
 rm -rf "$OUT"
 mkdir -p "$OUT"

@@ -126,7 +126,7 @@ RELEASE_SIZE = ReleaseConfigs(
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device):
     """The global RNG seeded for one build, restored afterwards (CPU, and the build's GPU)."""
-    devices = [device] if device.type == "cuda" else []
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
         yield

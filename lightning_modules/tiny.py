@@ -64,13 +64,7 @@ TINY_SIGLIP_CONFIG = {
 }
 TINY_SIGLIP_NUM_TOKENS = (TINY_SIGLIP_CONFIG["image_size"] // TINY_SIGLIP_CONFIG["patch_size"]) ** 2
 # google/siglip-base-patch16-224's preprocessing, at the tiny input size.
-TINY_SIGLIP_PROCESSOR_CONFIG = {
-    "size": {"height": 32, "width": 32},
-    "resample": 3,  # PIL bicubic
-    "rescale_factor": 1 / 255,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
-}
+TINY_SIGLIP_PROCESSOR_CONFIG = {**random_release.SIGLIP_BASE_224_PROCESSOR_CONFIG, "size": {"height": 32, "width": 32}}
 
 # The tiny release uses the real scheduler: it has no weights to shrink.
 TINY_SCHEDULER_CONFIG = random_release.COGVIDEOX_5B_SCHEDULER_CONFIG

@@ -105,3 +105,47 @@ def test_parts_past_the_budget_are_skipped_by_name(tmp_path):
 def test_unknown_part_is_refused():
     process = run_script("--dry-run", "--parts", "training,warp_drive", "--out", "/tmp/unused", timeout=120)
     assert process.returncode == 2 and "warp_drive" in process.stderr
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_acceptance", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_report_sets_each_figure_beside_its_goal():
+    """The markdown of a GPU run (figures as the parts write them) compares MFU with 40 %, the
+    lossless video with 55 s and the cached one with 35 s."""
+    script = load_script()
+    setting = dict(warmup_s=3.0, setup_s=0.5, seconds_per_step=1.5, model_tflops_per_s=566.0,
+                   video_s_extrapolated=0.5 + 50 * 1.5 + 20.0, peak_memory_gb=60.0)
+    report = {
+        "environment": {"gpu": "NVIDIA H200", "date_utc": "2026-12-02 01:00 UTC", "command": "python3 x.py",
+                        "torch": "2.11.0", "cuda": "13.0", "python": "3.12.3", "packages": {}, "dry_run": False,
+                        "budget_s": 540, "cpu_count": 16},
+        "elapsed_s": 500.0,
+        "parts": {
+            "training": {"status": "ok", "seconds": 120.0, "seconds_per_step": 3.5, "mfu": 0.368,
+                         "peak_memory_gb": 120.0, "video": "49 x 480 x 848", "strategy": "DeepSpeed ZeRO-2, bf16-mixed",
+                         "optimizer": "AdamW", "samples_per_s": 1 / 3.5, "model_tflops_per_s": 364.0,
+                         "timed_steps": 4, "warmup_steps": 2},
+            "sampling": {"status": "ok", "seconds": 200.0, "video": "49 x 480 x 848", "dtype": "bfloat16",
+                         "timed_steps": 6, "warmup_steps": 2, "decode_s": 20.0, "prepare_s": 2.0,
+                         "floor_s_50_steps": 42.9,
+                         "settings": {"release": setting,
+                                      "first_block_cache_0.1": {**setting, "video_s_extrapolated": 40.0},
+                                      "fused_qkv": {**setting, "video_s_extrapolated": 90.0},
+                                      "fused_qkv_compiled": {"skipped": "budget (20 s left)"}}},
+        },
+    }
+    markdown = script.render_markdown(report)
+    assert "- Training MFU 36.8 % (goal >= 40 %) at 3.5 s per step, 120 GB peak." in markdown
+    assert "- 50-step video, lossless: 90 s with fused_qkv (goal <= 55 s); the denoising steps' arithmetic " \
+           "alone takes 42.9 s at the GPU's peak." in markdown
+    assert "- 50-step video, cached: 40 s with first_block_cache_0.1 (goal <= 35 s" in markdown
+    assert "| fused_qkv_compiled | skipped: budget (20 s left) | | | | |" in markdown
+    assert "| training | 49 x 480 x 848 | DeepSpeed ZeRO-2, bf16-mixed, AdamW | 3.5 |" in markdown
