@@ -39,3 +39,25 @@ def test_tiny_release_is_the_generic_writer_with_tiny_configs(tmp_path):
     assert all(written[key] == value for key, value in configs.transformer.items())
     assert sorted(p.name for p in root.iterdir()) == [
         "clip_visual_encoder", "scheduler", "text_encoder", "tokenizer", "transformer", "vae"]
+
+
+def test_a_release_saved_in_bf16_loads_through_the_kit_loaders(tmp_path):
+    """The GPU benchmark saves its release-size folder in bf16 to halve the writing; the
+    loaders read it back in the dtype asked for, with the bf16-rounded values."""
+    from safetensors import safe_open
+
+    from lightning_modules.random_release import build_transformer, write_random_release
+    from lightning_modules.release_layout import load_siglip, load_text_encoder, load_transformer, load_vae
+
+    configs = tiny_release_configs()
+    root = write_random_release(tmp_path / "release", configs, seed=3, save_dtype=torch.bfloat16)
+    for part in ("transformer", "vae", "text_encoder", "clip_visual_encoder"):
+        (weights,) = (root / part).glob("*.safetensors")
+        with safe_open(weights, framework="pt") as file:
+            assert {str(file.get_slice(key).get_dtype()) for key in file.keys()} == {"BF16"}, part
+    transformer = load_transformer(root, dtype=torch.float32)
+    expected = build_transformer(configs.transformer, seed=3).state_dict()
+    for name, value in transformer.state_dict().items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value, expected[name].to(torch.bfloat16).float(), rtol=0, atol=0)
+    assert load_vae(root).dtype == load_text_encoder(root).dtype == load_siglip(root)[0].dtype == torch.float32
