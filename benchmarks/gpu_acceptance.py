@@ -322,6 +322,8 @@ def main() -> None:
     if SITE_ENV in os.environ:
         install = {"wheels": len(wheels), "site": os.environ[SITE_ENV],
                    "seconds": float(os.environ.get("ECHOVIDEO_ACCEPTANCE_INSTALL_S", 0))}
+        print(f"installed {install['wheels']} wheels from {args.wheels} into {install['site']} "
+              f"in {install['seconds']:.1f} s", flush=True)
 
     report = {"environment": environment_facts(args, started_at), "install": install, "parts": {}}
     if not args.dry_run and report["environment"]["gpu"] is None:

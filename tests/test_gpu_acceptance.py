@@ -149,3 +149,33 @@ def test_gpu_report_sets_each_figure_beside_its_goal():
     assert "- 50-step video, cached: 40 s with first_block_cache_0.1 (goal <= 35 s" in markdown
     assert "| fused_qkv_compiled | skipped: budget (20 s left) | | | | |" in markdown
     assert "| training | 49 x 480 x 848 | DeepSpeed ZeRO-2, bf16-mixed, AdamW | 3.5 |" in markdown
+
+
+def write_wheel(folder: Path, name: str) -> Path:
+    """A minimal pure-Python wheel holding one module `name` that says where it was loaded from."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{name}-0.1-py3-none-any.whl"
+    info = f"{name}-0.1.dist-info"
+    files = {
+        f"{name}.py": "LOADED = True\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def test_wheels_are_installed_first_and_the_script_restarts_with_them(tmp_path):
+    """On the GPU machine the missing packages arrive as wheels: installed into <work>/site,
+    then the script runs again with them importable. Without CUDA it then stops, saying so."""
+    write_wheel(tmp_path / "wheels", "acceptance_probe_module")
+    work = tmp_path / "work"
+    process = run_script("--out", tmp_path / "out", "--work", work, "--wheels", tmp_path / "wheels", timeout=300)
+    assert (work / "site" / "acceptance_probe_module.py").is_file()
+    assert f"installed 1 wheels from {tmp_path / 'wheels'} into {work / 'site'}" in process.stdout
+    assert process.returncode != 0 and "no CUDA device: run with --dry-run on a CPU" in process.stderr
