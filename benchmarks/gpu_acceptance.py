@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -508,8 +509,8 @@ class PartContext:
     work: Path
     dry_run: bool
     sizes: Sizes
-    device: "object"
-    deadline: float
+    device: "torch.device"
+    deadline: float  # time.monotonic() by which the part must have finished
 
     @property
     def release(self) -> Path:
@@ -557,17 +558,12 @@ def part_release_folder(context: PartContext, name: str) -> dict:
     write_tiny_face_models(context.release / "face_encoder")
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in context.release.rglob("*") if f.is_file())
-    parameters = 0
     from safetensors import safe_open
 
+    parameters = 0
     for file in context.release.rglob("*.safetensors"):
         with safe_open(file, framework="pt") as weights:
-            for key in weights.keys():
-                shape = weights.get_slice(key).get_shape()
-                count = 1
-                for side in shape:
-                    count *= side
-                parameters += count
+            parameters += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
     return {"how": how, "write_s": round(seconds, 1), "gigabytes": round(size / 1e9, 2),
             "parameters_b": round(parameters / 1e9, 3), "folder": str(context.release)}
 
