@@ -6,6 +6,7 @@ two-stage callback sets `face_latent_keep_prob`; everything else is configuratio
 """
 
 import collections
+import functools
 from dataclasses import asdict
 from typing import Literal
 
@@ -312,6 +313,22 @@ class EchoVideoModule(pl.LightningModule):
         stats = {"face_latent_keep_rate": keep.float().mean(), "sample_loss": sample_loss.detach(), "timesteps": timesteps}
         return sample_loss.mean(), stats
 
+    def stand_in_features(self) -> dict[str, torch.Tensor]:
+        """Zero features of one sample of the smallest video the transformer takes (one patch
+        of one latent frame, the unconditional text and face): the graph a rank runs, with a
+        zero-weight loss, when every sample of its batch was skipped, so that every trainable
+        weight still gets its (zero) gradient and every rank's collectives line up."""
+        config = self.transformer.config
+        frames, side = config.patch_size_t or 1, config.patch_size
+        zeros = functools.partial(torch.zeros, device=self.device)
+        return {
+            keys.LATENTS: zeros(1, frames, config.out_channels, side, side),
+            keys.FACE_LATENT: zeros(1, 1, config.in_channels - config.out_channels, side, side),
+            keys.TEXT_EMBEDS: zeros(1, config.max_text_seq_length, config.text_embed_dim),
+            keys.SIGLIP_TOKENS: zeros(1, config.face_seq_length, config.face_embed_dim),
+            keys.ARCFACE: zeros(1, config.face_features_embed_dim),
+        }
+
     def encode_features(self, batch: dict, step: int, micro_batch: int = 0) -> dict | None:
         """The batch in model inputs (latents, face latent, T5, SigLIP, ArcFace), encoding
         raw parts with the frozen encoders; None when every sample was unreadable."""
@@ -334,7 +351,11 @@ class EchoVideoModule(pl.LightningModule):
         features = self.encode_features(batch, step, micro_batch)
         self._log_data_counts()
         if features is None:
-            return None
+            # Every sample of this rank's batch was skipped. Returning None would end a
+            # distributed run (Lightning refuses it, and the other ranks would wait in their
+            # collectives), so this rank runs the same graph on a stand-in and adds nothing.
+            loss, _ = self.diffusion_loss(self.stand_in_features(), step, micro_batch)
+            return loss * 0.0
         self._drop_conditions(features, step, micro_batch)
         loss, stats = self.diffusion_loss(features, step, micro_batch)
         batch_size = features[keys.LATENTS].shape[0]

@@ -1,5 +1,6 @@
 """The LightningModule: loss, what trains, frozen encoders, condition dropout, skipping."""
 
+import lightning.pytorch as pl
 import torch
 
 from datamodules import batch as keys
@@ -115,12 +116,28 @@ def _batches_with_skips(raw_batch) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(Batches(), batch_size=None)
 
 
-def test_batches_of_only_unreadable_samples_are_skipped_and_counted(tiny_release, raw_batch, tmp_path):
+def test_a_batch_of_only_unreadable_samples_still_takes_its_step_and_adds_nothing(tiny_release, raw_batch, tmp_path):
+    """A rank with nothing readable runs the same graph on a one-patch stand-in with a zero
+    loss: every trainable weight gets a (zero) gradient, the step counts, the skips are logged.
+    (Returning None instead ends a distributed run: tests/test_multiprocess.py.)"""
     module = build_module(tiny_release)
-    recorder = ModelInputRecorder(module)
-    fit = trainer(tmp_path, max_epochs=1)
+    inputs = []
+    module.transformer.register_forward_pre_hook(
+        lambda _, args, kwargs: inputs.append(tuple(kwargs["hidden_states"].shape)), with_kwargs=True)
+    gradients = []
+
+    class GradientProbe(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            trainable = [p for p in pl_module.transformer.parameters() if p.requires_grad]
+            assert all(p.grad is not None for p in trainable)
+            gradients.append(sum(float(p.grad.abs().sum()) for p in trainable))
+
+    fit = trainer(tmp_path, max_epochs=1, callbacks=[GradientProbe()])
     fit.fit(module, _batches_with_skips(raw_batch))
-    assert len(recorder.calls) == 1  # only the batch with readable samples reached the model
+    assert fit.global_step == 3
+    stand_in, readable = (1, 1, 32, 2, 2), (2, 3, 32, 4, 4)  # B x f x (latent + face) x h x w
+    assert inputs == [stand_in, readable, stand_in]
+    assert gradients[0] == gradients[2] == 0 and gradients[1] > 0
     assert fit.callback_metrics["data/skipped/no_face"] == 4
     assert fit.callback_metrics["data/skipped/video_too_short"] == 1
     assert fit.callback_metrics["data/skipped/unreadable_video"] == 0
