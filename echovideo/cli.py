@@ -15,6 +15,8 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
+from lightning_modules.deepspeed_checkpoint import DeepSpeedCheckpointError, deepspeed_client_state
+
 
 class KeepEveryConfig(SaveConfigCallback):
     """Saves the run's config next to its logs without ever overwriting an earlier one.
@@ -102,7 +104,11 @@ class EchoVideoCLI(LightningCLI):
             raise ExperimentError(f"ckpt_path: {ckpt_path} does not exist; give a checkpoint file, a DeepSpeed "
                                   "checkpoint directory, or `last` to resume the run in run_dir")
         if os.path.isdir(ckpt_path):
-            self._merge_hyperparameters(deepspeed_client_state(ckpt_path).get("hyper_parameters", {}))
+            try:
+                state = deepspeed_client_state(ckpt_path)
+            except DeepSpeedCheckpointError as error:
+                raise ExperimentError(f"ckpt_path: {error}") from None
+            self._merge_hyperparameters(state.get("hyper_parameters", {}))
         else:
             super()._parse_ckpt_path()
 
@@ -174,21 +180,6 @@ def last_checkpoint(section):
     last = os.path.join(dirpath, "last.ckpt")
     recover_interrupted_publish(last)
     return last if os.path.exists(last) else None
-
-
-def deepspeed_client_state(directory: str) -> dict:
-    """The Lightning state (hyper-parameters, loops, callbacks) inside a DeepSpeed checkpoint."""
-    import glob
-
-    import torch
-
-    # ZeRO-1/2 keep it in mp_rank_00_model_states.pt, ZeRO-3 in each rank's zero_pp_rank_*.
-    files = sorted(glob.glob(os.path.join(directory, "*", "mp_rank_00_model_states.pt")))
-    files += sorted(glob.glob(os.path.join(directory, "*", "zero_pp_rank_0_mp_rank_00_model_states.pt")))
-    if not files:
-        raise ExperimentError(f"ckpt_path: {directory} is a directory without */*mp_rank_00_model_states.pt, "
-                              "so not a DeepSpeed checkpoint; give a checkpoint file or a DeepSpeed directory")
-    return torch.load(files[0], map_location="cpu", weights_only=False)
 
 
 class PreprocessCLI(EchoVideoCLI):

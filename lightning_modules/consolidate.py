@@ -30,7 +30,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if path.is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from echovideo.cli import deepspeed_client_state
+        from lightning_modules.deepspeed_checkpoint import deepspeed_client_state
 
         hparams = deepspeed_client_state(str(path)).get("hyper_parameters", {})
         state = get_fp32_state_dict_from_zero_checkpoint(str(path), exclude_frozen_parameters=True)

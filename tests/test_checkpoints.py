@@ -142,3 +142,25 @@ def test_killed_save_leaves_the_previous_last_intact(tiny_release, fixed_feature
         callback._save_checkpoint(fit, str(checkpoints / "last.ckpt"))
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == good
     assert os.path.exists(checkpoints / "last.ckpt.partial")  # removed by the next save
+
+
+def test_a_deepspeed_directory_is_read_as_data_only(tmp_path, capsys):
+    """The client state is unpickled with weights_only: an object that would run code on
+    loading is refused, naming the file, and nothing of it runs."""
+    from lightning_modules.deepspeed_checkpoint import DeepSpeedCheckpointError, deepspeed_client_state
+
+    class RunsOnLoad:
+        def __reduce__(self):
+            return (print, ("code ran while loading a checkpoint",))
+
+    states = tmp_path / "ckpt" / "checkpoint" / "mp_rank_00_model_states.pt"
+    states.parent.mkdir(parents=True)
+    torch.save({"hyper_parameters": {"seed": 3}, "global_step": 7}, states)
+    assert deepspeed_client_state(str(tmp_path / "ckpt")) == {"hyper_parameters": {"seed": 3}, "global_step": 7}
+
+    torch.save({"hyper_parameters": {"seed": 3}, "callbacks": RunsOnLoad()}, states)
+    with pytest.raises(DeepSpeedCheckpointError, match="mp_rank_00_model_states.pt: holds objects other than"):
+        deepspeed_client_state(str(tmp_path / "ckpt"))
+    assert "code ran" not in capsys.readouterr().out
+    with pytest.raises(DeepSpeedCheckpointError, match="not a DeepSpeed checkpoint"):
+        deepspeed_client_state(str(tmp_path))

@@ -1,0 +1,27 @@
+"""The import direction the kit keeps: commands (`echovideo/`) use the library; the library
+(`lightning_modules/`, `datamodules/`, `callbacks/`) never imports the command line."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARY = ("lightning_modules", "datamodules", "callbacks")
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_library_never_imports_the_command_line():
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(name for name in imported_modules(path)
+                                            if name == "echovideo" or name.startswith("echovideo."))
+        for package in LIBRARY for path in sorted((ROOT / package).glob("*.py"))
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
