@@ -27,6 +27,20 @@ def file_stem_for(sample_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id).strip("._") or "sample"
 
 
+def claim_file_stem(sample_id: str, taken: dict[str, tuple[str, str]], where: str,
+                    error: type[Exception]) -> str:
+    """`file_stem_for(sample_id)`, refused with `error` when an earlier id already names that
+    file (the second would overwrite it, or be skipped as done). `taken` maps each stem
+    claimed so far to (where, id) and gets this one."""
+    stem = file_stem_for(sample_id)
+    if stem in taken:
+        first_where, first_id = taken[stem]
+        same = "repeats" if first_id == sample_id else f"names the same output file ({stem}) as {first_id!r} of"
+        raise error(f"{where}: field 'id' {sample_id!r} {same} {first_where}; give every line an id of its own")
+    taken[stem] = (where, sample_id)
+    return stem
+
+
 def json_lines(path: str | Path, error: type[Exception], what: str) -> Iterator[tuple[int, str, dict]]:
     """(line number, `file:line`, object) for each non-blank line of a JSONL file; a missing
     file or a line that is not a JSON object raises `error` naming the file (and line)."""

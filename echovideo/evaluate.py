@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules.face_pipeline import FaceExtractor, read_photo
-from datamodules.files import file_stem_for, json_lines, write_text_atomically
+from datamodules.files import claim_file_stem, file_stem_for, json_lines, write_text_atomically
 from datamodules.skip_reasons import SkippedSample
 from lightning_modules.video_metrics import (
     DEFAULT_NUM_FRAMES,
@@ -47,7 +47,7 @@ class EvaluationInputError(ValueError):
 
 def read_videos_file(path: str | Path) -> list[dict]:
     path = Path(path)
-    entries, ids = [], set()
+    entries, stems = [], {}
     for number, where, record in json_lines(path, EvaluationInputError, "videos"):
         if "error" in record and "video" not in record:
             continue  # a request `echovideo generate` could not make
@@ -58,9 +58,7 @@ def read_videos_file(path: str | Path) -> list[dict]:
         for name in ("video", "face_image"):
             file = Path(record[name])
             entry[name] = str(file if file.is_absolute() else path.parent / file)
-        if entry["id"] in ids:
-            raise EvaluationInputError(f"{where}: field 'id' repeats {entry['id']!r}")
-        ids.add(entry["id"])
+        claim_file_stem(entry["id"], stems, where, EvaluationInputError)  # names per_video/<id>.json
         entries.append(entry)
     if not entries:
         raise EvaluationInputError(f"{path}: holds no videos")

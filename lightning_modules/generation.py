@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.files import json_lines
+from datamodules.files import claim_file_stem, json_lines
 from lightning_modules.frozen_encoders import FrozenEncoders
 from lightning_modules.release_layout import check_release_folder, load_scheduler, load_transformer
 from lightning_modules.sampling import (
@@ -66,7 +66,7 @@ def read_requests(path: str | Path) -> list[GenerationRequest]:
     paths are relative to the JSONL's folder; ids default to the line number."""
     path = Path(path)
     known = {f.name: f for f in fields(GenerationRequest)}
-    requests, ids = [], set()
+    requests, stems = [], {}
     for number, where, record in json_lines(path, RequestError, "requests"):
         unknown = sorted(set(record) - set(known))
         if unknown:
@@ -81,9 +81,7 @@ def read_requests(path: str | Path) -> list[GenerationRequest]:
             raise RequestError(f"{where}: field 'negative_prompt' must be a string")
         record.setdefault("id", f"{number:05d}")
         record["id"] = str(record["id"])
-        if record["id"] in ids:
-            raise RequestError(f"{where}: field 'id' repeats {record['id']!r}; ids name the output files")
-        ids.add(record["id"])
+        claim_file_stem(record["id"], stems, where, RequestError)  # ids name the output files
         face = Path(record["face_image"])
         record["face_image"] = str(face if face.is_absolute() else path.parent / face)
         request = GenerationRequest(**record)

@@ -230,3 +230,14 @@ def test_bad_videos_file_refused_and_missing_models_named(files, tmp_path, capsy
     assert result["dynamic_degree"]["computed"] is False
     assert str(tmp_path / "none.pth") in result["dynamic_degree"]["wanted"]
     assert str(tmp_path / "none.pth") in (tmp_path / "o" / "summary.md").read_text()
+
+
+def test_two_ids_that_name_one_output_file_are_refused(tmp_path):
+    from echovideo.evaluate import EvaluationInputError, read_videos_file
+
+    videos = tmp_path / "videos.jsonl"
+    videos.write_text("".join(json.dumps({"video": f"{i}.mp4", "face_image": "f.png", "prompt": "p", "id": name}) + "\n"
+                              for i, name in enumerate(["anna/take 1", "anna_take_1"])))
+    with pytest.raises(EvaluationInputError, match=r":2: field 'id' 'anna_take_1' names the same output file "
+                                                   r"\(anna_take_1\) as 'anna/take 1' of .*:1"):
+        read_videos_file(videos)

@@ -202,6 +202,9 @@ def test_generate_command_runs_every_request_and_reports_a_photo_without_a_face(
     ({"prompt": "p", "face_image": "f.png", "num_frames": 13}, "a sampled video needs 8k+1 frames: use 9 or 17"),
     ({"prompt": "p", "face_image": "f.png", "sed": 1}, "unknown field(s) ['sed']"),
     ({"prompt": "p", "face_image": "f.png", "seed": "one"}, "field 'seed' must be an integer"),
+    ({"prompt": "p", "face_image": "f.png", "id": "00001"}, "field 'id' '00001' repeats"),
+    # Another id, the same output file (00001.mp4) as line 1's default id: one would be lost.
+    ({"prompt": "p", "face_image": "f.png", "id": "00001."}, "names the same output file (00001) as '00001' of"),
 ])
 def test_bad_requests_are_refused_naming_file_line_and_field(tmp_path, line, message):
     path = tmp_path / "requests.jsonl"
