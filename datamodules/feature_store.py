@@ -159,6 +159,26 @@ def record_to_sample(record: dict, verify_sources: bool) -> dict | Skipped:
     return sample
 
 
+# What litdata may decode a stored field as: tensors, numbers, text and bytes. Anything else
+# (its `pickle` serializer above all) would run code from the store's files when read.
+DATA_FORMATS = ("str", "bytes", "int", "float", "bool", "tensor", "no_header_tensor", "numpy", "no_header_numpy")
+
+
+def check_fields_are_data(index_path: Path) -> None:
+    """Refuse a bucket whose `index.json` declares a field that is not plain data."""
+    try:
+        formats = json.loads(index_path.read_text(encoding="utf-8"))["config"]["data_format"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise FeatureStoreError(f"{index_path}: not a readable litdata index ({error}); re-run "
+                                "`echovideo preprocess` to rebuild this bucket") from None
+    unsafe = sorted({str(f) for f in formats if str(f).split(":", 1)[0] not in DATA_FORMATS})
+    if unsafe:
+        raise FeatureStoreError(
+            f"{index_path}: config.data_format declares {unsafe}, which the kit does not decode (a pickled "
+            f"field would run code when read); a store written by `echovideo preprocess` holds only "
+            f"{', '.join(DATA_FORMATS[:6])}. Rebuild it with `echovideo preprocess`")
+
+
 def _streaming_dataset_class():
     # litdata is imported lazily: importing it sets up multiprocessing state that plain
     # manifest training does not need.
@@ -195,6 +215,7 @@ def open_store_dataset(store: str | Path, shuffle: bool, seed: int, verify_sourc
     for bucket_dir in (store / name / shard for name in meta["buckets"] for shard in shards):
         if not (bucket_dir / "index.json").is_file():
             continue  # a bucket no sample landed in
+        check_fields_are_data(bucket_dir / "index.json")
         streams.append(dataset_class(str(bucket_dir), verify_sources=verify_sources, shuffle=shuffle,
                                      seed=seed, drop_last=drop_last))
     if not streams:

@@ -8,6 +8,7 @@ store as an unbroken one.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules import batch as keys
-from datamodules.feature_store import REPORT_FILE, open_store_dataset, record_to_sample
+from datamodules.feature_store import REPORT_FILE, FeatureStoreError, open_store_dataset, record_to_sample
 from datamodules.video_dataset import decode_clip
 from echovideo.cli import EchoVideoCLI, PreprocessCLI
 from helpers_video import write_gray_ramp_video
@@ -248,3 +249,17 @@ def test_buckets_by_aspect_and_length_never_mix_in_a_batch(tiny_release, tmp_pat
         seen += batch[keys.SAMPLE_ID]
     assert shapes == {(3, 16, 4, 6), (3, 16, 6, 4), (5, 16, 4, 6)}
     assert sorted(seen) == sorted(name for name in clips if name != "short")
+
+
+def test_a_store_that_declares_a_pickled_field_is_refused(preprocessed, tmp_path):
+    """litdata can store a field as a pickle, which would run code when read: refused, by file."""
+    _, _, store, _ = preprocessed
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    (index,) = copy.glob("*/*/index.json")
+    meta = json.loads(index.read_text())
+    assert open_store_dataset(copy, shuffle=False, seed=0) is not None  # the kit's own formats are data
+    meta["config"]["data_format"][0] = "pickle"
+    index.write_text(json.dumps(meta))
+    with pytest.raises(FeatureStoreError, match=rf"{index}: config.data_format declares \['pickle'\]"):
+        open_store_dataset(copy, shuffle=False, seed=0)
