@@ -102,11 +102,12 @@ def write_full_size_store(store: Path, samples: int, num_workers: int, chunk_byt
     """A store folder `open_store_dataset` accepts, one bucket of synthetic full-size records."""
     from litdata import optimize
 
-    from datamodules.feature_store import STORE_FORMAT, STORE_META, shard_name
+    from datamodules.feature_store import REPORT_FILE, STORE_FORMAT, STORE_META, shard_name
 
     store.mkdir(parents=True, exist_ok=True)
     (store / STORE_META).write_text(json.dumps({"format": STORE_FORMAT, "buckets": [FULL_BUCKET],
                                                 "num_nodes": 1, "synthetic": True}) + "\n")
+    (store / REPORT_FILE).write_text(json.dumps({"complete": True, "synthetic": True}) + "\n")
     optimize(fn=FullSizeRecord(), inputs=list(range(samples)),
              output_dir=str(store / FULL_BUCKET / shard_name(0, 1)),
              chunk_bytes=chunk_bytes, num_workers=num_workers, reorder_files=False,

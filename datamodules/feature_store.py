@@ -122,8 +122,37 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB")).copy()
 
 
+def store_parts_on_disk(store: Path) -> tuple[int, int | None]:
+    """(parts finished, parts planned or None) over every node's shard of a store, as its
+    `.preprocess/` work folder records them while `echovideo preprocess` runs."""
+    done, total = 0, 0
+    shards = sorted(p for p in (store / WORK_DIR).glob("*") if p.is_dir())
+    for shard in shards:
+        done += sum(1 for _ in shard.glob("parts/*/part-*.json"))
+        plan = shard / "plan.json"
+        planned = json.loads(plan.read_text(encoding="utf-8")).get("parts") if plan.is_file() else None
+        total = None if planned is None or total is None else total + planned
+    return done, total if shards else None
+
+
+def check_store_complete(store: Path) -> None:
+    """Refuse a store whose preprocessing has not finished on every node (interrupted,
+    still running, or a node not yet started): training on it would see part of the data."""
+    report_path = store / REPORT_FILE
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    if report.get("complete"):
+        return
+    done, total = store_parts_on_disk(store)
+    raise FeatureStoreError(
+        f"{store}: the feature store is incomplete: {done} of {total if total is not None else 'an unknown number of'} "
+        f"preprocess parts are done ({report_path} {'says complete: false' if report else 'is not written yet'}). "
+        "Finish it by re-running the same `echovideo preprocess --config <experiment>.yaml ...` command (on every "
+        "node, with the same node count); it continues where it stopped")
+
+
 def read_store_meta(store: str | Path) -> dict:
-    """`store.json` of a finished store; a clear error when the folder is not one."""
+    """`store.json` of a finished store; a clear error when the folder is not one, or when
+    its preprocessing has not finished."""
     meta_path = Path(store) / STORE_META
     if not meta_path.is_file():
         raise FeatureStoreError(
@@ -133,6 +162,7 @@ def read_store_meta(store: str | Path) -> dict:
     if meta.get("format") != STORE_FORMAT:
         raise FeatureStoreError(f"{meta_path}: store format {meta.get('format')!r}, this kit reads "
                                 f"{STORE_FORMAT}; rebuild the store with `echovideo preprocess`")
+    check_store_complete(Path(store))
     return meta
 
 

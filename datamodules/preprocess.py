@@ -27,13 +27,16 @@ captions cut to the text encoder's limit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -346,7 +349,8 @@ def preprocess(
     parts = {name: [bucket_entries[i:i + part_size] for i in range(0, len(bucket_entries), part_size)]
              for name, bucket_entries in by_bucket.items()}
     work = store / WORK_DIR / shard
-    meta = _prepare_store(store, work, settings, encoders, num_nodes, _plan_digest(settings, parts), overwrite)
+    meta = _prepare_store(store, work, settings, encoders, num_nodes, _plan_digest(settings, parts), overwrite,
+                          parts_total=sum(len(p) for p in parts.values()))
     report.encoders = meta["encoders"]
     report.face_pipeline = "insightface antelopev2 + facexlib" if encoders.face_models else \
         "none: face images are used as aligned crops, identity from the model's identity encoder"
@@ -354,16 +358,23 @@ def preprocess(
 
     report.parts_total = sum(len(p) for p in parts.values())
     started, done_clips, todo_clips = time.monotonic(), 0, sum(len(e) for e in by_bucket.values())
-    for name, bucket_parts in parts.items():
-        bucket = next(b for b in settings.buckets if b.name == name)
-        for part_index, part in enumerate(bucket_parts):
-            summary_path = work / "parts" / name / f"part-{part_index:05d}.json"
-            if not summary_path.is_file():
-                _run_part(optimize, part, bucket, store, store / name / shard, summary_path, settings,
-                          encoders, num_workers, chunk_bytes)
-            done_clips += len(part)
-            report.parts_done += 1
-            _print_overall_progress(report, done_clips, todo_clips, started)
+
+    def interrupted(signum: int) -> str:
+        return (f"echovideo preprocess: stopped by {signal.Signals(signum).name} with {report.parts_done} of "
+                f"{report.parts_total} parts of {store} done (node {node_rank} of {num_nodes}); the store is "
+                "incomplete and training refuses it. Re-run the same command to continue where it stopped.")
+
+    with stop_on_signals(interrupted):
+        for name, bucket_parts in parts.items():
+            bucket = next(b for b in settings.buckets if b.name == name)
+            for part_index, part in enumerate(bucket_parts):
+                summary_path = work / "parts" / name / f"part-{part_index:05d}.json"
+                if not summary_path.is_file():
+                    _run_part(optimize, part, bucket, store, store / name / shard, summary_path, settings,
+                              encoders, num_workers, chunk_bytes)
+                done_clips += len(part)
+                report.parts_done += 1
+                _print_overall_progress(report, done_clips, todo_clips, started)
     _fill_report_from_parts(report, work, parts)
     report.complete = report.parts_done == report.parts_total
     write_text_atomically(work / REPORT_FILE, json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
@@ -374,8 +385,62 @@ def preprocess(
     return merged
 
 
+@contextlib.contextmanager
+def stop_on_signals(message: Callable[[int], str]):
+    """While preprocessing: SIGINT (Ctrl-C) or SIGTERM stops the workers, prints `message(signal)`
+    and exits with status 128 + signal, never 0.
+
+    litdata's `optimize` sets its own SIGINT handler, which stops its workers and exits the
+    process with status 0, as if the store were finished. Its handler is replaced here by one
+    that stops the workers the same way and then exits as an interrupted program does; SIGTERM
+    (what SLURM and `kill` send) takes the same path. Between parts no worker runs and the
+    process exits straight away. Work already published stays: a re-run continues from it.
+    """
+    import threading
+
+    from litdata.processing.data_processor import DataProcessor
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    main_process = os.getpid()
+
+    def exit_now(signum: int) -> None:
+        if os.getpid() == main_process:  # litdata's forked workers inherit the handlers: they just stop
+            print(f"\n{message(signum)}", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    def stop_workers_then_exit(processor, signum, frame) -> None:
+        if os.getpid() != main_process:
+            exit_now(signum)
+        for queue in getattr(processor, "stop_queues", None) or []:
+            queue.put(None)
+        for worker in getattr(processor, "workers", None) or []:
+            worker.join(0)
+        exit_now(signum)
+
+    def on_signal(signum, frame) -> None:
+        inside_optimize = signal.getsignal(signal.SIGINT)
+        if getattr(inside_optimize, "__func__", None) is stop_workers_then_exit:
+            inside_optimize(signum, frame)  # stops that call's workers, then exits
+        exit_now(signum)
+
+    litdata_handler = DataProcessor._signal_handler
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    DataProcessor._signal_handler = stop_workers_then_exit
+    for signum in previous:
+        signal.signal(signum, on_signal)
+    try:
+        yield
+    finally:
+        DataProcessor._signal_handler = litdata_handler
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _prepare_store(store: Path, work: Path, settings: StoreSettings, encoders: EncoderSpec, num_nodes: int,
-                   digest: str, overwrite: bool) -> dict:
+                   digest: str, overwrite: bool, parts_total: int) -> dict:
     """Check that `store` may be (re)started with these settings; write store.json; return it."""
     if overwrite and store.exists():
         if num_nodes > 1:
@@ -404,7 +469,7 @@ def _prepare_store(store: Path, work: Path, settings: StoreSettings, encoders: E
             "plan); resume it with the same manifest, write to a new `data.feature_store`, or pass "
             "--preprocess.overwrite true to start it anew")
     work.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(plan_file, json.dumps({"digest": digest}) + "\n")
+    write_text_atomically(plan_file, json.dumps({"digest": digest, "parts": parts_total}) + "\n")
     write_text_atomically(meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
 

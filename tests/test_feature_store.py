@@ -24,7 +24,13 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules import batch as keys
-from datamodules.feature_store import REPORT_FILE, FeatureStoreError, open_store_dataset, record_to_sample
+from datamodules.feature_store import (
+    REPORT_FILE,
+    FeatureStoreError,
+    open_store_dataset,
+    read_store_meta,
+    record_to_sample,
+)
 from datamodules.video_dataset import decode_clip
 from echovideo.cli import EchoVideoCLI, PreprocessCLI
 from helpers_video import write_gray_ramp_video
@@ -127,22 +133,37 @@ def _store_contents(store: Path) -> dict:
     return contents
 
 
-def test_killed_preprocess_continues_to_the_same_store(preprocessed, tiny_release, tmp_path):
+def test_interrupted_preprocess_says_so_is_refused_by_fit_and_continues_to_the_same_store(
+        preprocessed, tiny_release, tmp_path):
+    """Ctrl-C, SIGKILL and SIGTERM, each to the whole process group (litdata's workers too) once
+    a part has finished: SIGINT and SIGTERM exit with 128 + the signal and say how to go on;
+    the incomplete store is refused for training; the last run finishes the same store."""
     folder, manifest, reference_store, _ = preprocessed
     store = tmp_path / "store"
-    overrides = _overrides(tiny_release, manifest, store, tmp_path / "run", part_size=4)
+    overrides = _overrides(tiny_release, manifest, store, tmp_path / "run", part_size=2)
     command = [sys.executable, "-m", "echovideo", "preprocess", "--config", str(EXPERIMENT), *overrides]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    first_part = store / ".preprocess" / "node-000-of-001" / "parts" / "9x32x32" / "part-00000.json"
-    deadline = time.monotonic() + 240
-    while not first_part.is_file() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert first_part.is_file(), "the first part never finished"
-    os.killpg(process.pid, signal.SIGKILL)  # the whole group: litdata's workers too
-    process.wait()
-    report = json.loads((store / REPORT_FILE).read_text()) if (store / REPORT_FILE).is_file() else None
-    assert report is None or not report["complete"]
+    parts = store / ".preprocess" / "node-000-of-001" / "parts" / "9x32x32"
+    for number, sent in enumerate((signal.SIGINT, signal.SIGKILL, signal.SIGTERM)):
+        with open(tmp_path / f"stderr-{number}.txt", "w+") as stderr:
+            process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+                                       start_new_session=True)
+            deadline = time.monotonic() + 240
+            while not (parts / f"part-{number:05d}.json").is_file() and process.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert (parts / f"part-{number:05d}.json").is_file(), f"part {number} never finished"
+            os.killpg(process.pid, sent)
+            process.wait(timeout=120)
+            stderr.seek(0)
+            said = stderr.read()
+        if sent == signal.SIGKILL:
+            assert process.returncode == -signal.SIGKILL
+        else:
+            assert process.returncode == 128 + sent, said[-2000:]
+            assert f"echovideo preprocess: stopped by {sent.name} with " in said
+            assert "Re-run the same command to continue where it stopped." in said
+        with pytest.raises(FeatureStoreError, match=r"the feature store is incomplete: \d of 7 preprocess parts"):
+            read_store_meta(store)
 
     resumed = PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides]).run_preprocess()
     assert resumed.complete and resumed.written == {"9x32x32": 9}
@@ -151,7 +172,8 @@ def test_killed_preprocess_continues_to_the_same_store(preprocessed, tiny_releas
     bucket = store / "9x32x32" / "node-000-of-001"
     listed = {chunk["filename"] for chunk in json.loads((bucket / "index.json").read_text())["chunks"]}
     on_disk = {p.name for p in bucket.iterdir() if p.name != "index.json"}
-    assert on_disk == listed  # no chunk left over from the killed part
+    assert on_disk == listed  # no chunk left over from the stopped parts
+    read_store_meta(store)  # complete now
 
 
 def test_store_from_another_manifest_is_refused(preprocessed, tiny_release, tmp_path):
