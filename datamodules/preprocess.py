@@ -58,6 +58,7 @@ from datamodules.feature_store import (
     shard_name,
     as_stored_bits,
     encode_png,
+    read_store_meta,
     source_fingerprint,
 )
 from datamodules.files import write_text_atomically
@@ -350,7 +351,7 @@ def preprocess(
              for name, bucket_entries in by_bucket.items()}
     work = store / WORK_DIR / shard
     meta = _prepare_store(store, work, settings, encoders, num_nodes, _plan_digest(settings, parts), overwrite,
-                          parts_total=sum(len(p) for p in parts.values()))
+                          parts_total=sum(len(p) for p in parts.values()), manifest=manifest)
     report.encoders = meta["encoders"]
     report.face_pipeline = "insightface antelopev2 + facexlib" if encoders.face_models else \
         "none: face images are used as aligned crops, identity from the model's identity encoder"
@@ -440,7 +441,7 @@ def stop_on_signals(message: Callable[[int], str]):
 
 
 def _prepare_store(store: Path, work: Path, settings: StoreSettings, encoders: EncoderSpec, num_nodes: int,
-                   digest: str, overwrite: bool, parts_total: int) -> dict:
+                   digest: str, overwrite: bool, parts_total: int, manifest: Path) -> dict:
     """Check that `store` may be (re)started with these settings; write store.json; return it."""
     if overwrite and store.exists():
         if num_nodes > 1:
@@ -448,7 +449,7 @@ def _prepare_store(store: Path, work: Path, settings: StoreSettings, encoders: E
                 f"{store}: --preprocess.overwrite with {num_nodes} nodes would have each node delete what "
                 "the others write; delete the folder once, then start every node without --overwrite")
         shutil.rmtree(store)
-    meta = _store_meta(settings, encoders, num_nodes)
+    meta = _store_meta(settings, encoders, num_nodes, manifest)
     meta_path = store / STORE_META
     if store.exists() and any(store.iterdir()):
         if not meta_path.is_file():
@@ -575,8 +576,12 @@ def _print_overall_progress(report: PreprocessReport, done: int, total: int, sta
           f"{rate:.2f} clips/s, ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
 
 
-def _store_meta(settings: StoreSettings, encoders: EncoderSpec, num_nodes: int) -> dict:
-    return {
+# The fields of store.json that decide the stored values; fit checks them against the experiment.
+DECIDING_FIELDS = ("settings", "dtype", "encoders")
+
+
+def _store_meta(settings: StoreSettings, encoders: EncoderSpec, num_nodes: int, manifest: Path | None) -> dict:
+    meta = {
         "format": STORE_FORMAT,
         "buckets": [bucket.name for bucket in settings.buckets],
         "num_nodes": num_nodes,
@@ -584,6 +589,56 @@ def _store_meta(settings: StoreSettings, encoders: EncoderSpec, num_nodes: int) 
         "dtype": str(STORE_DTYPE).removeprefix("torch."),
         "encoders": encoder_versions(encoders),
     }
+    if manifest is not None:
+        meta["manifest"] = {"path": str(Path(manifest).absolute()), "sha256": _file_sha256(manifest)}
+    return meta
+
+
+def _file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_store_matches(store: str | Path, settings: StoreSettings, encoders: EncoderSpec,
+                        manifest: str | Path | None = None) -> None:
+    """Refuse to train on a store written with other settings or encoders than the
+    experiment's (sizes, frame stride, face crop, seed, `pretrained_path`'s encoders and
+    dtype, identity encoder or face pipeline), naming each differing field with both values.
+    A `manifest` given beside the store must be the one it was built from."""
+    store = Path(store)
+    stored = read_store_meta(store)
+    expected = _store_meta(settings, encoders, stored.get("num_nodes", 1), manifest)
+
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    wanted = flat({key: expected[key] for key in DECIDING_FIELDS})
+    found = flat({key: stored.get(key) for key in DECIDING_FIELDS})
+    differences = [f"{key}: {found.get(key)!r} in the store, {wanted.get(key)!r} in this experiment"
+                   for key in sorted(set(wanted) | set(found)) if key != "encoders.pretrained_path"
+                   and _comparable(found.get(key)) != _comparable(wanted.get(key))]
+    if differences:
+        raise FeatureStoreError(
+            f"{store / STORE_META} was written with other settings than this experiment's:\n  "
+            + "\n  ".join(differences)
+            + "\nFix: train with the settings the store was made with, or write a new store for these "
+            "(`echovideo preprocess --config <experiment>.yaml` into another `data.feature_store`).")
+    if manifest is not None:
+        made_from = stored.get("manifest") or {}
+        if made_from.get("sha256") != expected["manifest"]["sha256"]:
+            raise FeatureStoreError(
+                f"data.train_manifest {manifest} is not the manifest {store} was made from "
+                f"({made_from.get('path', 'not recorded in ' + str(store / STORE_META))}); training reads the "
+                "store, so either unset data.train_manifest or preprocess this manifest into a new store")
+
+
+def _comparable(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def encoder_versions(encoders: EncoderSpec) -> dict:

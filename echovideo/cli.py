@@ -112,6 +112,15 @@ class EchoVideoCLI(LightningCLI):
         else:
             super()._parse_ckpt_path()
 
+    def before_fit(self) -> None:
+        """A feature store must have been written by this experiment's settings and encoders."""
+        data = self.datamodule
+        if getattr(data, "feature_store", None) is None:
+            return
+        from datamodules.preprocess import check_store_matches
+
+        check_store_matches(data.feature_store, *store_spec(data, self.model), manifest=data.train_manifest)
+
     def _merge_hyperparameters(self, hparams: dict) -> None:
         """What LightningCLI does with a checkpoint file's hyper-parameters, for a directory."""
         hparams = dict(hparams)
@@ -216,7 +225,7 @@ class PreprocessCLI(EchoVideoCLI):
         # Imported here: fit/validate/predict need none of the preprocessing machinery.
         import torch
 
-        from datamodules.preprocess import EncoderSpec, StoreSettings, preprocess
+        from datamodules.preprocess import preprocess
         from lightning_modules.identity_check import refuse_random_identity_at_release_size
         from lightning_modules.release_layout import check_release_folder
 
@@ -234,11 +243,7 @@ class PreprocessCLI(EchoVideoCLI):
         report = preprocess(
             data.train_manifest,
             data.feature_store,
-            StoreSettings(buckets=data.buckets, frame_stride=data.frame_stride, face_size=data.face_size,
-                          reference_frame=data.reference_frame, seed=data.seed),
-            EncoderSpec(pretrained_path=hp.pretrained_path, encoder_dtype=hp.encoder_dtype,
-                        identity_encoder=None if data.face_models else model._identity_encoder,
-                        face_models=data.face_models),
+            *store_spec(data, model),
             num_workers=num_workers,
             part_size=options.part_size,
             chunk_bytes=options.chunk_bytes,
@@ -248,6 +253,19 @@ class PreprocessCLI(EchoVideoCLI):
         )
         print(report.summary())
         return report
+
+
+def store_spec(data, model):
+    """(StoreSettings, EncoderSpec): what decides a feature store's values, from the experiment's
+    datamodule and module. Preprocessing writes a store from it; fit checks a store against it."""
+    from datamodules.preprocess import EncoderSpec, StoreSettings
+
+    hp = model.hparams
+    return (StoreSettings(buckets=data.buckets, frame_stride=data.frame_stride, face_size=data.face_size,
+                          reference_frame=data.reference_frame, seed=data.seed),
+            EncoderSpec(pretrained_path=hp.pretrained_path, encoder_dtype=hp.encoder_dtype,
+                        identity_encoder=None if data.face_models else model._identity_encoder,
+                        face_models=data.face_models))
 
 
 def main(args=None) -> None:

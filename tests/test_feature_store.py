@@ -185,6 +185,34 @@ def test_store_from_another_manifest_is_refused(preprocessed, tiny_release, tmp_
         PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides]).run_preprocess()
 
 
+def test_fit_refuses_a_store_made_with_other_settings_naming_each_field(preprocessed, tiny_release, tmp_path,
+                                                                        monkeypatch):
+    """Sizes, encoders and the manifest beside the store are checked before training starts;
+    each difference is named with the store's value and the experiment's."""
+    folder, manifest, store, _ = preprocessed
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    overrides = _fit_args(_overrides(tiny_release, manifest, store, tmp_path / "run"))
+    fit = ["fit", "--config", str(EXPERIMENT), *overrides, "--trainer.max_steps=1"]
+
+    with pytest.raises(FeatureStoreError) as refused:
+        EchoVideoCLI(args=[*fit, "--data.init_args.height=64", "--data.init_args.face_size=64"])
+    message = str(refused.value)
+    assert "settings.buckets: ['9x32x32'] in the store, ['9x64x32'] in this experiment" in message
+    assert "settings.face_size: 32 in the store, 64 in this experiment" in message
+
+    other_release = tmp_path / "release"
+    shutil.copytree(tiny_release, other_release)
+    config = other_release / "text_encoder" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "dropout_rate": 0.3}))
+    with pytest.raises(FeatureStoreError, match=r"encoders\.text_encoder: '\w+' in the store, '\w+' in this"):
+        EchoVideoCLI(args=[*fit, f"--model.init_args.pretrained_path={other_release}"])
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(manifest.read_text(encoding="utf-8-sig").splitlines()[0] + "\n")
+    with pytest.raises(FeatureStoreError, match=f"data.train_manifest {other} is not the manifest {store} was made from"):
+        EchoVideoCLI(args=[*fit, f"--data.init_args.train_manifest={other}"])
+
+
 def test_two_nodes_each_write_a_shard_and_together_the_whole_store(preprocessed, tiny_release, tmp_path):
     folder, manifest, reference_store, reference = preprocessed
     store = tmp_path / "store"

@@ -19,7 +19,13 @@ EXPERIMENT = ROOT / "experiments" / "demo_tiny.yaml"
 
 def launch_ranks(command: str, *args, world_size: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m echovideo <command> ...` on `world_size` CPU ranks (DDP over gloo)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # A fresh launch, as from a shell: not the rendezvous (MASTER_PORT, RANK, ...) that an
+    # earlier in-process test left in this process's environment, whose port is still held.
+    inherited = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                 "NODE_RANK", "GROUP_RANK")
+    env = {key: value for key, value in os.environ.items()
+           if key not in inherited and not key.startswith(("TORCHELASTIC_", "PL_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.run(
         [sys.executable, "-m", "echovideo", command, *map(str, args), "--trainer.accelerator=cpu",
          f"--trainer.devices={world_size}", "--trainer.strategy=ddp"],
