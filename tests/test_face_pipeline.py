@@ -287,6 +287,7 @@ def test_arcface_encoder_matches_face_analysis(extractor, face_root):
     photos = [photo_with_squares([(320, 224, 160, 255)]), photo_with_squares([(320, 320, 160, 180)])]
     photos[1][260:380, 260:380] = np.random.default_rng(3).integers(100, 256, (120, 120, 3), dtype=np.uint8)
     crops, expected = [], []
+    extractor.recogniser  # loads the face models, which no earlier test may have done (`-k arcface`)
     for photo in photos:
         bgr = np.ascontiguousarray(photo[:, :, ::-1])
         face = extractor._app.get(bgr)[0]
