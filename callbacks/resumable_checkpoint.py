@@ -48,6 +48,13 @@ class ResumableCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier()
         return super()._find_last_checkpoints(trainer)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.ckpt_path is not None:
+            # A resumed run: the checkpoint it loaded is of this step, so this step needs no
+            # save, and a crash before the next one resumes from here (not from step 0).
+            self._last_global_step_saved = trainer.global_step
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

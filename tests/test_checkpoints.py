@@ -164,3 +164,22 @@ def test_a_deepspeed_directory_is_read_as_data_only(tmp_path, capsys):
     assert "code ran" not in capsys.readouterr().out
     with pytest.raises(DeepSpeedCheckpointError, match="not a DeepSpeed checkpoint"):
         deepspeed_client_state(str(tmp_path))
+
+
+def test_a_crash_after_a_resume_names_the_step_the_run_resumes_from(tmp_path):
+    """Resumed at step 8, crashed inside step 10: the warning points at step 8, not step 0."""
+    from types import SimpleNamespace
+
+    from callbacks.resumable_checkpoint import ResumableCheckpoint
+
+    callback = ResumableCheckpoint(dirpath=str(tmp_path), every_n_train_steps=50)
+    trainer = SimpleNamespace(ckpt_path=str(tmp_path / "last.ckpt"), global_step=8)
+    callback.on_train_start(trainer, None)
+    trainer.global_step = 10
+    with pytest.warns(UserWarning, match=r"inside step 10; .* `--ckpt_path last` resumes from step 8\."):
+        callback.on_exception(trainer, None, RuntimeError("crash"))
+
+    fresh = ResumableCheckpoint(dirpath=str(tmp_path), every_n_train_steps=50)
+    fresh.on_train_start(SimpleNamespace(ckpt_path=None, global_step=0), None)
+    with pytest.warns(UserWarning, match="resumes from step 0"):
+        fresh.on_exception(SimpleNamespace(global_step=2), None, RuntimeError("crash"))
