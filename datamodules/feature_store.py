@@ -205,8 +205,8 @@ def check_fields_are_data(index_path: Path) -> None:
     if unsafe:
         raise FeatureStoreError(
             f"{index_path}: config.data_format declares {unsafe}, which the kit does not decode (a pickled "
-            f"field would run code when read); a store written by `echovideo preprocess` holds only "
-            f"{', '.join(DATA_FORMATS[:6])}. Rebuild it with `echovideo preprocess`")
+            f"field would run code when read); it decodes only {', '.join(DATA_FORMATS)}. Rebuild the "
+            "store with `echovideo preprocess`")
 
 
 def _streaming_dataset_class():

@@ -610,6 +610,9 @@ def check_store_matches(store: str | Path, settings: StoreSettings, encoders: En
     A `manifest` given beside the store must be the one it was built from."""
     store = Path(store)
     stored = read_store_meta(store)
+    if manifest is not None and not Path(manifest).is_file():
+        raise FeatureStoreError(f"data.train_manifest {manifest}: no such file; training reads {store}, so "
+                                "unset data.train_manifest or fix its path")
     expected = _store_meta(settings, encoders, stored.get("num_nodes", 1), manifest)
 
     def flat(value, prefix=""):

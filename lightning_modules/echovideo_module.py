@@ -315,7 +315,7 @@ class EchoVideoModule(pl.LightningModule):
 
     def stand_in_features(self) -> dict[str, torch.Tensor]:
         """Zero features of one sample of the smallest video the transformer takes (one patch
-        of one latent frame, the unconditional text and face): the graph a rank runs, with a
+        of one latent frame; zero text, SigLIP and ArcFace tokens): the graph a rank runs, with a
         zero-weight loss, when every sample of its batch was skipped, so that every trainable
         weight still gets its (zero) gradient and every rank's collectives line up."""
         config = self.transformer.config

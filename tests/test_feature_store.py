@@ -211,6 +211,8 @@ def test_fit_refuses_a_store_made_with_other_settings_naming_each_field(preproce
     other.write_text(manifest.read_text(encoding="utf-8-sig").splitlines()[0] + "\n")
     with pytest.raises(FeatureStoreError, match=f"data.train_manifest {other} is not the manifest {store} was made from"):
         EchoVideoCLI(args=[*fit, f"--data.init_args.train_manifest={other}"])
+    with pytest.raises(FeatureStoreError, match=f"data.train_manifest {tmp_path / 'gone.jsonl'}: no such file"):
+        EchoVideoCLI(args=[*fit, f"--data.init_args.train_manifest={tmp_path / 'gone.jsonl'}"])
 
 
 def test_two_nodes_each_write_a_shard_and_together_the_whole_store(preprocessed, tiny_release, tmp_path):
