@@ -26,11 +26,16 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     Defaults: `save_last=True`, `save_on_exception=True`, and `dirpath` None meaning
     `<trainer.default_root_dir>/checkpoints`, a place that does not depend on the logger's
-    version, so a resumed run finds `last.ckpt` where the first run left it.
+    version, so a resumed run finds `last.ckpt` where the first run left it. And
+    `enable_version_counter=False`: a newer save replaces a file of the same name (step
+    names are unique) instead of writing `last-v1.ckpt` beside it, which a run copied or
+    moved to another folder did, leaving `--ckpt_path last` on the stale `last.ckpt`.
     """
 
-    def __init__(self, *args, save_last: bool = True, save_on_exception: bool = True, **kwargs):
-        super().__init__(*args, save_last=save_last, save_on_exception=save_on_exception, **kwargs)
+    def __init__(self, *args, save_last: bool = True, save_on_exception: bool = True,
+                 enable_version_counter: bool = False, **kwargs):
+        super().__init__(*args, save_last=save_last, save_on_exception=save_on_exception,
+                         enable_version_counter=enable_version_counter, **kwargs)
 
     def _use_default_dirpath(self, trainer) -> None:
         if self.dirpath is None:

@@ -1,6 +1,7 @@
 """The CLI end to end on the demo experiment: fit -> resume -> predict."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,15 @@ def test_fit_resume_predict(demo_setup, monkeypatch):
                 "data/skipped/unreadable_video", "data/captions_truncated"):
         assert tag in scalars, sorted(scalars)
     assert max(scalars["train/loss"]) >= 3  # steps logged after the resume land in the same run
+
+    # A run copied to another folder resumes there, and its newest checkpoint is `last.ckpt`
+    # again (not a `last-v1.ckpt` beside the copied one that `--ckpt_path last` would skip).
+    copy = run.with_name("copied_run")
+    shutil.copytree(run, copy)
+    moved = [f"--run_dir={copy}" if a.startswith("--run_dir=") else a for a in overrides]
+    EchoVideoCLI(args=["fit", *config, *moved, "--trainer.max_steps=6", "--ckpt_path=last"])
+    assert torch.load(copy / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert not list((copy / "checkpoints").glob("last-v*"))
 
     manifest = next(a for a in overrides if "train_manifest" in a).split("=", 1)[1]
     validate = EchoVideoCLI(
