@@ -60,12 +60,14 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from datamodules.files import write_text_atomically  # noqa: E402  (standard library only)
 
 RESULT_PREFIX = "ACCEPTANCE-RESULT "
 SITE_ENV = "ECHOVIDEO_ACCEPTANCE_SITE"
@@ -182,12 +184,6 @@ def environment_facts(args, started_at: str) -> dict:
     return facts
 
 
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def run_part(part: Part, args, work: Path, out: Path, deadline: float) -> dict:
     """Run one part in its own process, limited to what is left before `deadline`."""
     left = deadline - time.time() - RESERVE_S
@@ -229,7 +225,7 @@ def run_part(part: Part, args, work: Path, out: Path, deadline: float) -> dict:
     seconds = time.monotonic() - started
     if part.name == "gpu_tests":
         result = gpu_test_results(work / "gpu_tests.xml")
-        result["status"] = "timed out" if timed_out else ("ok" if returncode == 0 else "failed")
+        result["status"] = "timed out (budget)" if timed_out else ("ok" if returncode == 0 else "failed")
     else:
         lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
         result = json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else {}
@@ -340,8 +336,8 @@ def main() -> None:
             result = run_part(part, args, work, args.out, deadline)
         report["parts"][part.name] = result
         report["elapsed_s"] = round(time.time() - started, 1)
-        write_atomically(args.out / "acceptance.json", json.dumps(report, indent=2) + "\n")
-        write_atomically(args.out / "acceptance.md", render_markdown(report))
+        write_text_atomically(args.out / "acceptance.json", json.dumps(report, indent=2) + "\n")
+        write_text_atomically(args.out / "acceptance.md", render_markdown(report))
         print(f"[{time.time() - started:5.0f} s] {part.name}: {result['status']}", flush=True)
         if part.name == "training" and result["status"] != "ok":
             # The default setting did not run (out of memory, say): the memory-saving one comes next.
@@ -477,7 +473,7 @@ def render_into(report_path: Path, target: Path | None) -> None:
                          "where the figures belong")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    write_atomically(target, f"{head}{start}\n{markdown}\n{end}{tail}")
+    write_text_atomically(target, f"{head}{start}\n{markdown}\n{end}{tail}")
     print(f"{target}: GPU section replaced with {report_path}'s figures")
 
 
@@ -488,8 +484,6 @@ def run_one(spec: dict) -> dict:
     dry = spec["dry_run"]
     sizes = DRY_RUN_SIZES if dry else RELEASE_SIZES
     if spec.get("sampling_steps"):
-        from dataclasses import replace
-
         sizes = replace(sizes, sampling_steps=spec["sampling_steps"])
     context = PartContext(
         work=Path(spec["work"]), dry_run=dry, sizes=sizes,
@@ -806,10 +800,7 @@ def part_sampling(context: PartContext, name: str) -> dict:
         calls.append(time.perf_counter())
 
     generator.transformer.register_forward_pre_hook(on_call, with_kwargs=True)
-    warmup = generator.settings_for(request)
-    from dataclasses import replace
-
-    warmup = replace(warmup, num_inference_steps=sizes.sampling_warmup_steps)
+    warmup = replace(generator.settings_for(request), num_inference_steps=sizes.sampling_warmup_steps)
     timed = generator.settings_for(request)
 
     # One denoising step is one forward pass of both CFG branches: a third of a training

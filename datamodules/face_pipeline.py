@@ -9,7 +9,6 @@ ears, earring, neck, necklace, cloth and hat. Photos that cannot be used raise S
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from datamodules.files import file_sha256
 from datamodules.skip_reasons import NO_FACE, UNREADABLE_IMAGE, SkippedSample
 
 ANTELOPE_SUBDIR = Path("models") / "antelopev2"
@@ -90,14 +90,6 @@ class FaceCrop:
     landmarks: np.ndarray  # (5, 2) float32, in input-image pixels
     bbox: np.ndarray  # (4,) float32 x1, y1, x2, y2 in input-image pixels
     detector: str  # "insightface" or "retinaface"
-
-
-def _short_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 def _missing_model_error(path: Path, what: str, model_root: Path) -> FileNotFoundError:
@@ -209,7 +201,7 @@ class FaceExtractor:
                 used.append(self.retinaface_path)
             if self.parsing_enabled:
                 used.append(self.parsing_path)
-            self._versions = {path.name: _short_sha256(path) for path in used}
+            self._versions = {path.name: file_sha256(path)[:12] for path in used}
             self._versions["parsing"] = self.parsing_enabled
         return dict(self._versions)
 

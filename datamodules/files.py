@@ -1,5 +1,6 @@
 """Small file helpers shared by the data pipeline, the cache and the writers."""
 
+import hashlib
 import json
 import os
 import re
@@ -20,6 +21,15 @@ def write_text_atomically(path: Path, text: str) -> None:
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def file_stem_for(sample_id: str) -> str:

@@ -61,7 +61,7 @@ from datamodules.feature_store import (
     read_store_meta,
     source_fingerprint,
 )
-from datamodules.files import write_text_atomically
+from datamodules.files import file_sha256, write_text_atomically
 from datamodules.manifest import ManifestEntry, check_manifest
 from datamodules.skip_reasons import EMPTY_CAPTION, SKIP_REASONS, UNREADABLE_VIDEO, VIDEO_TOO_SHORT, SkippedSample
 from datamodules.video_dataset import (
@@ -590,16 +590,8 @@ def _store_meta(settings: StoreSettings, encoders: EncoderSpec, num_nodes: int, 
         "encoders": encoder_versions(encoders),
     }
     if manifest is not None:
-        meta["manifest"] = {"path": str(Path(manifest).absolute()), "sha256": _file_sha256(manifest)}
+        meta["manifest"] = {"path": str(Path(manifest).absolute()), "sha256": file_sha256(manifest)}
     return meta
-
-
-def _file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_store_matches(store: str | Path, settings: StoreSettings, encoders: EncoderSpec,
@@ -620,11 +612,12 @@ def check_store_matches(store: str | Path, settings: StoreSettings, encoders: En
             return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
         return {prefix.rstrip("."): value}
 
-    wanted = flat({key: expected[key] for key in DECIDING_FIELDS})
+    # Through JSON, as store.json holds it, so tuples and lists compare equal.
+    wanted = flat(json.loads(json.dumps({key: expected[key] for key in DECIDING_FIELDS})))
     found = flat({key: stored.get(key) for key in DECIDING_FIELDS})
     differences = [f"{key}: {found.get(key)!r} in the store, {wanted.get(key)!r} in this experiment"
-                   for key in sorted(set(wanted) | set(found)) if key != "encoders.pretrained_path"
-                   and _comparable(found.get(key)) != _comparable(wanted.get(key))]
+                   for key in sorted(set(wanted) | set(found))
+                   if key != "encoders.pretrained_path" and found.get(key) != wanted.get(key)]
     if differences:
         raise FeatureStoreError(
             f"{store / STORE_META} was written with other settings than this experiment's:\n  "
@@ -638,10 +631,6 @@ def check_store_matches(store: str | Path, settings: StoreSettings, encoders: En
                 f"data.train_manifest {manifest} is not the manifest {store} was made from "
                 f"({made_from.get('path', 'not recorded in ' + str(store / STORE_META))}); training reads the "
                 "store, so either unset data.train_manifest or preprocess this manifest into a new store")
-
-
-def _comparable(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 def encoder_versions(encoders: EncoderSpec) -> dict:

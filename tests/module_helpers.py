@@ -63,3 +63,12 @@ class ModelInputRecorder:
                 "noisy_sum": float(hidden[:, :, :noisy_channels].double().sum()),
             })
         return hook
+
+
+def tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag of a TensorBoard log folder as its (step, value) points, all of them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -9,10 +9,10 @@ from pathlib import Path
 import av
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules.demo_data import write_demo_dataset
 from echovideo.cli import EchoVideoCLI
+from module_helpers import tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = ROOT / "experiments" / "demo_tiny.yaml"
@@ -43,12 +43,6 @@ def demo_setup(tiny_release, tmp_path):
     ]
 
 
-def _scalars(tensorboard_dir: Path) -> dict[str, list]:
-    events = EventAccumulator(str(tensorboard_dir))
-    events.Reload()
-    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
 def test_fit_resume_predict(demo_setup, monkeypatch):
     run, overrides = demo_setup
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
@@ -65,11 +59,11 @@ def test_fit_resume_predict(demo_setup, monkeypatch):
     assert (run / "tensorboard" / "config.yaml").is_file()
     assert (run / "tensorboard" / "config.1.yaml").is_file()  # the resume kept the first config
 
-    scalars = _scalars(run / "tensorboard")
+    scalars = tensorboard_scalars(run / "tensorboard")
     for tag in ("train/loss", "train/stage", "train/face_latent_keep_rate", "lr-AdamW",
                 "data/skipped/unreadable_video", "data/captions_truncated"):
         assert tag in scalars, sorted(scalars)
-    assert max(scalars["train/loss"]) >= 3  # steps logged after the resume land in the same run
+    assert max(step for step, _ in scalars["train/loss"]) >= 3  # steps after the resume land in the same run
 
     # A run copied to another folder resumes there, and its newest checkpoint is `last.ckpt`
     # again (not a `last-v1.ckpt` beside the copied one that `--ckpt_path last` would skip).

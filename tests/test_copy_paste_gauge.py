@@ -12,7 +12,7 @@ from callbacks.resumable_checkpoint import ResumableCheckpoint
 from conftest import make_raw_batch
 from datamodules import batch as keys
 from lightning_modules.batch_features import encode_batch_features
-from module_helpers import build_module, loader, trainer
+from module_helpers import build_module, loader, tensorboard_scalars, trainer
 
 
 class MemoryLogger(Logger):
@@ -69,14 +69,6 @@ def _gauge(**overrides) -> CopyPasteGauge:
     return CopyPasteGauge(**{"every_n_steps": 2, "num_draws": 2, "num_samples": 2, **overrides})
 
 
-def _tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
 def test_gauges_land_in_tensorboard_at_the_configured_steps(tiny_release, features, tmp_path):
     module = build_module(tiny_release)
     gauge = _gauge()
@@ -85,7 +77,7 @@ def test_gauges_land_in_tensorboard_at_the_configured_steps(tiny_release, featur
                   logger=TensorBoardLogger(str(tmp_path), name="tb", version=""))
     fit.fit(module, train_dataloaders=loader(features[0], 5), val_dataloaders=loader(features[1], 1))
     fit.logger.experiment.flush()
-    scalars = _tensorboard_scalars(tmp_path / "tb")
+    scalars = tensorboard_scalars(tmp_path / "tb")
 
     assert sorted(tag for tag in scalars if tag.startswith("gauge/")) == sorted(f"gauge/{n}" for n in GAUGE_NAMES)
     # Measured after optimizer steps 2 and 4, written once each (no stale repeats at later

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datamodules.demo_data import write_demo_dataset
+from module_helpers import tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = ROOT / "experiments" / "demo_tiny.yaml"
@@ -30,12 +30,6 @@ def launch_ranks(command: str, *args, world_size: int = 2, timeout: float = 300)
         [sys.executable, "-m", "echovideo", command, *map(str, args), "--trainer.accelerator=cpu",
          f"--trainer.devices={world_size}", "--trainer.strategy=ddp"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_a_rank_whose_whole_batch_is_unreadable_does_not_stop_a_ddp_run(tiny_release, tmp_path):
@@ -58,6 +52,6 @@ def test_a_rank_whose_whole_batch_is_unreadable_does_not_stop_a_ddp_run(tiny_rel
         "--data.init_args.width=32", "--data.init_args.face_size=32", "--data.init_args.batch_size=1")
     assert process.returncode == 0, process.stderr[-4000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
-    logged = scalars(run / "tensorboard")
+    logged = tensorboard_scalars(run / "tensorboard")
     # 4 samples over 2 ranks: 2 micro-batches a rank an epoch, 2 epochs, each corrupt clip read once an epoch.
     assert logged["data/skipped/unreadable_video"][-1] == (1, 4.0)
