@@ -32,6 +32,8 @@ class ResumableCheckpoint(ModelCheckpoint):
     moved to another folder did, leaving `--ckpt_path last` on the stale `last.ckpt`.
     """
 
+    _check_log_step = False
+
     def __init__(self, *args, save_last: bool = True, save_on_exception: bool = True,
                  enable_version_counter: bool = False, **kwargs):
         super().__init__(*args, save_last=save_last, save_on_exception=save_on_exception,
@@ -59,6 +61,12 @@ class ResumableCheckpoint(ModelCheckpoint):
             # A resumed run: the checkpoint it loaded is of this step, so this step needs no
             # save, and a crash before the next one resumes from here (not from step 0).
             self._last_global_step_saved = trainer.global_step
+        self._check_log_step = trainer.ckpt_path is not None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._check_log_step:
+            self._check_log_step = False
+            align_log_step(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
@@ -93,6 +101,20 @@ class ResumableCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+
+def align_log_step(trainer) -> None:
+    """Make the step that metrics are logged at equal the optimizer step again after a resume.
+
+    Lightning logs at `fit_loop.epoch_loop._batches_that_stepped`, which it restores from the
+    checkpoint and then bumps by one, assuming the save came from inside a batch. A save at
+    the end of training (`on_train_end`, as `last.ckpt` here) comes after that bump, and a
+    run resumed from one at an epoch end logged every value one step late, skipping a step
+    in TensorBoard. With one optimizer, the two counters are equal at the start of every batch.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if epoch_loop._batches_that_stepped != trainer.global_step:
+        epoch_loop._batches_that_stepped = trainer.global_step
 
 
 def _remove(path: str) -> None:

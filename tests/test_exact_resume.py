@@ -173,3 +173,33 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_there(
     # Saved at the step it stopped at, so no step runs twice.
     assert [json.loads(line)["step"] for line in losses.read_text().splitlines()] == list(range(MAX_STEPS))
     assert _curve(losses) == pytest.approx(golden_curve, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("first_stop", ["epoch_end", "mid_epoch"])
+def test_tensorboard_steps_run_on_without_a_gap_across_a_resume(
+    first_stop, preprocessed, tiny_release, tmp_path, monkeypatch, golden_curve
+):
+    """A run stopped by max_steps (saved by ResumableCheckpoint at the end of training),
+    once exactly at an epoch end and once inside an epoch, then resumed: TensorBoard holds
+    every step once, at its own step, with the uninterrupted run's loss."""
+    from module_helpers import tensorboard_scalars
+
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    experiment = _experiment(tmp_path, None, crash=False)
+    run, losses = tmp_path / "run", tmp_path / "losses.jsonl"
+    folder, manifest, store, _ = preprocessed
+    overrides = [o for o in store_overrides(tiny_release, manifest, store, run) if not o.startswith("--preprocess.")]
+
+    def fit(max_steps: int, resume: bool):
+        return EchoVideoCLI(args=[
+            "fit", "--config", str(experiment), *overrides, f"--trainer.max_steps={max_steps}",
+            "--trainer.callbacks+=test_exact_resume.LossRecorder", f"--trainer.callbacks.init_args.path={losses}",
+            *(["--ckpt_path=last"] if resume else [])])
+
+    epoch_length = 5  # batches of the tiny store at batch size 2 (9 samples, 2 loader workers)
+    first = fit(epoch_length if first_stop == "epoch_end" else epoch_length + 1, resume=False)
+    assert first.trainer.num_training_batches == epoch_length
+    fit(MAX_STEPS, resume=True)
+    logged = tensorboard_scalars(run / "tensorboard")["train/loss"]
+    assert [step for step, _ in logged] == list(range(MAX_STEPS))
+    assert [loss for _, loss in logged] == pytest.approx(golden_curve, rel=1e-4, abs=1e-6)
