@@ -255,7 +255,7 @@ def open_store_dataset(store: str | Path, shuffle: bool, seed: int, verify_sourc
     return CombinedStreamingDataset(streams, seed=seed, iterate_over_all=True, batching_method="per_stream")
 
 
-def store_loader(dataset, batch_size: int, num_workers: int, collate_fn):
+def store_loader(dataset, batch_size: int, num_workers: int, collate_fn, report=None):
     """litdata's StreamingDataLoader, made to resume correctly under Lightning.
 
     After `load_state_dict`, litdata replays from the saved position on every `iter()`
@@ -263,17 +263,49 @@ def store_loader(dataset, batch_size: int, num_workers: int, collate_fn):
     batches without that last `next()`, so the epoch after a resume would replay the
     resumed epoch's tail instead of starting a fresh shuffle. Here exactly the first
     iteration after a load replays; every later one is a new epoch.
+
+    A position saved under another layout (world size, loader workers or batch size):
+    a single-stream store continues the epoch where it stopped, litdata dealing the samples
+    not yet seen over the new ranks (no sample repeated); a store of several streams
+    (buckets, node shards), whose interleaving litdata cannot re-deal, and a position that
+    is not a store's at all (a run started from a manifest) end the interrupted epoch there
+    and go on with the next one. `report(message)` is told which.
     """
-    from litdata import StreamingDataLoader
+    from litdata import StreamingDataLoader, StreamingDataset
+    from litdata.utilities.env import _DistributedEnv
 
     class ResumableStreamingDataLoader(StreamingDataLoader):
         _replay_pending = False
+        _end_epoch_pending = False
 
         def load_state_dict(self, state: dict) -> None:
+            saved = _saved_layout(state)
+            current = {"world_size": _DistributedEnv.detect().world_size, "num_workers": max(self.num_workers, 1),
+                       "batch_size": self.batch_size}
+            if saved is None or (saved != current and not isinstance(self.dataset, StreamingDataset)):
+                where = ("a loader that is not this feature store's (a run from a manifest?)" if saved is None
+                         else f"{_layout_text(saved)}, and this store has several streams")
+                self._end_epoch_pending = True
+                self.current_epoch = state.get("current_epoch", self.current_epoch)
+                _tell(report, f"the checkpoint's data position was saved by {where}; it cannot be placed at "
+                              f"{_layout_text(current)}: the interrupted epoch ends here and the run goes on "
+                              f"with the next one")
+                return
+            if saved != current:
+                # litdata re-deals the rest of the epoch from the first run's plan; the drop_last it
+                # forces on several ranks (and not on one) is a property of the new layout.
+                state["dataset"]["drop_last"] = self.dataset.drop_last
+                _tell(report, f"the checkpoint's data position was saved at {_layout_text(saved)} and is "
+                              f"resumed at {_layout_text(current)}: the epoch continues with the samples it "
+                              f"has not yet given, dealt over the new ranks; none is repeated")
             super().load_state_dict(state)
             self._replay_pending = True
 
         def __iter__(self):
+            if self._end_epoch_pending:
+                self._end_epoch_pending = False
+                self.restore = False
+                return iter(())
             if self._replay_pending:
                 self._replay_pending = False
             else:
@@ -282,6 +314,29 @@ def store_loader(dataset, batch_size: int, num_workers: int, collate_fn):
 
     return ResumableStreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                         collate_fn=collate_fn, pin_memory=torch.cuda.is_available())
+
+
+def _saved_layout(state: dict) -> dict | None:
+    """World size, loader workers and batch size of a litdata loader state; None if it is not one."""
+    dataset = state.get("dataset") if isinstance(state, dict) else None
+    if not isinstance(dataset, dict) or "current_epoch" not in state:
+        return None
+    streams = [dataset] if "world_size" in dataset else [s for s in dataset.values() if isinstance(s, dict)]
+    if not streams or any("world_size" not in s for s in streams):
+        return None
+    first = streams[0]
+    return {"world_size": int(first["world_size"]), "num_workers": max(int(first["num_workers"]), 1),
+            "batch_size": int(first["batch_size"])}
+
+
+def _layout_text(layout: dict) -> str:
+    return (f"world size {layout['world_size']}, {layout['num_workers']} loader worker(s) a rank, "
+            f"batch size {layout['batch_size']}")
+
+
+def _tell(report, message: str) -> None:
+    if report is not None:
+        report(message)
 
 
 def load_unconditional(store: str | Path) -> dict[str, torch.Tensor]:

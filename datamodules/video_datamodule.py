@@ -150,7 +150,7 @@ class VideoFaceDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             seed=self.seed,
         )
-        return self._loader(dataset, sampler=sampler)
+        return _ManifestTrainLoader(self._report_resume, dataset, **self._loader_settings(sampler))
 
     def _store_loader(self):
         """litdata's loader over the store: its `state_dict` is the exact position in the
@@ -158,7 +158,18 @@ class VideoFaceDataModule(L.LightningDataModule):
         resume, so the run continues at the next unseen sample."""
         dataset = open_store_dataset(self.feature_store, shuffle=True, seed=self.seed,
                                      verify_sources=self.verify_sources)
-        return store_loader(dataset, self.batch_size, self.num_workers, collate_skipping_unreadable)
+        return store_loader(dataset, self.batch_size, self.num_workers, collate_skipping_unreadable,
+                            report=self._report_resume)
+
+    def _report_resume(self, message: str) -> None:
+        """Where a resumed run's data continues from, as a warning and as TensorBoard text."""
+        rank_zero_warn(f"resume: {message}")
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if hasattr(getattr(logger, "experiment", None), "add_text"):
+                logger.experiment.add_text("resume/data_position", message, trainer.global_step)
 
     def unconditional_features(self) -> dict[str, torch.Tensor] | None:
         """T5 of the negative prompt and SigLIP of a black face, when the store carries them."""
@@ -210,8 +221,10 @@ class VideoFaceDataModule(L.LightningDataModule):
             random_start=random_start, reference_frame=self.reference_frame, face_models=self.face_models)
 
     def _loader(self, dataset: VideoFaceDataset, sampler=None) -> DataLoader:
-        return DataLoader(
-            dataset,
+        return DataLoader(dataset, **self._loader_settings(sampler))
+
+    def _loader_settings(self, sampler) -> dict:
+        return dict(
             batch_size=self.batch_size,
             sampler=sampler,
             shuffle=False,  # training order comes from the sampler
@@ -226,6 +239,37 @@ class VideoFaceDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"call setup({stage!r}) before asking for this dataloader")
         return dataset
+
+
+class _ManifestTrainLoader(DataLoader):
+    """The training loader over a manifest. It keeps no position inside an epoch: a run
+    resumed mid-epoch reads the epoch's order again from its start for the batches left.
+    Having a (trivial) state lets a checkpoint written with a feature store resume from a
+    manifest: that position cannot apply here, so the interrupted epoch ends and the run goes
+    on with the next one. `report(message)` is told which."""
+
+    def __init__(self, report, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._report = report
+        self._end_epoch_pending = False
+
+    def state_dict(self) -> dict:
+        return {"source": "manifest"}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("source") == "manifest":
+            self._report("a loader over a manifest keeps no position inside an epoch: the resumed epoch "
+                         "reads its order again from the start for the batches it has left")
+            return
+        self._end_epoch_pending = True
+        self._report("the checkpoint's data position is a feature store's and this run reads a manifest: "
+                     "the interrupted epoch ends here and the run goes on with the next one")
+
+    def __iter__(self):
+        if self._end_epoch_pending:
+            self._end_epoch_pending = False
+            return iter(())
+        return super().__iter__()
 
 
 class _EpochSyncedSampler(DistributedSampler):
