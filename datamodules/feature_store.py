@@ -292,9 +292,9 @@ def store_loader(dataset, batch_size: int, num_workers: int, collate_fn, report=
                               f"with the next one")
                 return
             if saved != current:
-                # litdata re-deals the rest of the epoch from the first run's plan; the drop_last it
-                # forces on several ranks (and not on one) is a property of the new layout.
-                state["dataset"]["drop_last"] = self.dataset.drop_last
+                # litdata re-deals the rest of the epoch from the first run's plan, which must be
+                # rebuilt exactly: with the drop_last it had (litdata forces it on several ranks).
+                self.dataset.set_drop_last(state["dataset"]["drop_last"])
                 _tell(report, f"the checkpoint's data position was saved at {_layout_text(saved)} and is "
                               f"resumed at {_layout_text(current)}: the epoch continues with the samples it "
                               f"has not yet given, dealt over the new ranks; none is repeated")

@@ -8,27 +8,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from datamodules.demo_data import write_demo_dataset
 from module_helpers import tensorboard_scalars
+from store_helpers import store_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = ROOT / "experiments" / "demo_tiny.yaml"
 
 
-def launch_ranks(command: str, *args, world_size: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m echovideo <command> ...` on `world_size` CPU ranks (DDP over gloo)."""
+def launch_ranks(command: str, *args, world_size: int = 2, strategy: str = "ddp",
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m echovideo <command> ...` on `world_size` CPU ranks (DDP over gloo). The
+    tests folder is importable, so a run can take a test's callback."""
     # A fresh launch, as from a shell: not the rendezvous (MASTER_PORT, RANK, ...) that an
     # earlier in-process test left in this process's environment, whose port is still held.
     inherited = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                  "NODE_RANK", "GROUP_RANK")
     env = {key: value for key, value in os.environ.items()
            if key not in inherited and not key.startswith(("TORCHELASTIC_", "PL_"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::DeprecationWarning,ignore::FutureWarning",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     return subprocess.run(
         [sys.executable, "-m", "echovideo", command, *map(str, args), "--trainer.accelerator=cpu",
-         f"--trainer.devices={world_size}", "--trainer.strategy=ddp"],
+         f"--trainer.devices={world_size}", f"--trainer.strategy={strategy}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -55,3 +60,72 @@ def test_a_rank_whose_whole_batch_is_unreadable_does_not_stop_a_ddp_run(tiny_rel
     logged = tensorboard_scalars(run / "tensorboard")
     # 4 samples over 2 ranks: 2 micro-batches a rank an epoch, 2 epochs, each corrupt clip read once an epoch.
     assert logged["data/skipped/unreadable_video"][-1] == (1, 4.0)
+
+
+# The tiny store (9 samples) at batch 2 on 2 ranks with one loader worker each: 2 steps an
+# epoch. Stops at 2 (an epoch end) and 3 (inside an epoch), runs to 5.
+EPOCH_END, MID_EPOCH, LAST_STEP = 2, 3, 5
+
+
+def store_fit(preprocessed, release, run: Path, max_steps: int, *extra, world_size: int = 2,
+              strategy: str = "ddp", resume: bool = False) -> subprocess.CompletedProcess:
+    """`fit` from the tiny feature store, every step's loss and sample ids appended by each
+    rank to run/losses.jsonl."""
+    _, manifest, store, _ = preprocessed
+    overrides = [o for o in store_overrides(release, manifest, store, run) if not o.startswith("--preprocess.")]
+    process = launch_ranks(
+        "fit", "--config", EXPERIMENT, *overrides, "--data.init_args.num_workers=1",
+        f"--trainer.max_steps={max_steps}", "--trainer.callbacks+=test_exact_resume.LossRecorder",
+        f"--trainer.callbacks.init_args.path={run / 'losses.jsonl'}", *extra,
+        *(["--ckpt_path=last"] if resume else []), world_size=world_size, strategy=strategy)
+    assert process.returncode == 0, process.stderr[-4000:]
+    return process
+
+
+def recorded_steps(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+
+
+def test_ddp_run_split_at_an_epoch_end_and_inside_an_epoch_repeats_the_whole_run(
+        preprocessed, tiny_release, tmp_path):
+    """World size 2: stopped at an epoch end, resumed, stopped inside the next epoch, resumed
+    to the end. Every step sees the same samples and gives the same loss as the run that
+    never stopped, and TensorBoard holds each step once."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    store_fit(preprocessed, tiny_release, whole, LAST_STEP)
+    for stop, resume in ((EPOCH_END, False), (MID_EPOCH, True), (LAST_STEP, True)):
+        store_fit(preprocessed, tiny_release, split, stop, resume=resume)
+
+    def by_step(run):
+        return sorted((r["step"], r["ids"], r["loss"]) for r in recorded_steps(run))
+
+    assert [(s, ids) for s, ids, _ in by_step(split)] == [(s, ids) for s, ids, _ in by_step(whole)]
+    assert [loss for *_, loss in by_step(split)] == pytest.approx([loss for *_, loss in by_step(whole)], rel=1e-5)
+    assert sorted({s for s, _, _ in by_step(whole)}) == list(range(LAST_STEP))
+    for run in (whole, split):
+        logged = tensorboard_scalars(run / "tensorboard")["train/loss"]
+        assert [step for step, _ in logged] == list(range(LAST_STEP)), run.name
+    assert [v for _, v in tensorboard_scalars(split / "tensorboard")["train/loss"]] == pytest.approx(
+        [v for _, v in tensorboard_scalars(whole / "tensorboard")["train/loss"]], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_two_rank_checkpoint_resumes_on_one_rank_without_repeating_a_sample(preprocessed, tiny_release, tmp_path):
+    """Stopped inside an epoch at world size 2, resumed at world size 1: the weights, optimizer
+    and step carry over, the epoch goes on with the samples it had not yet given (each once),
+    and the run says so in a warning and in TensorBoard."""
+    run = tmp_path / "run"
+    store_fit(preprocessed, tiny_release, run, MID_EPOCH)
+    resumed = store_fit(preprocessed, tiny_release, run, LAST_STEP, world_size=1, resume=True)
+    assert "resumed at world size 1" in resumed.stderr
+    steps = recorded_steps(run)
+    assert sorted({r["step"] for r in steps}) == list(range(LAST_STEP))
+    # Step 2 opened epoch 1 (on both ranks); steps 3 and 4 finish it on one rank.
+    epoch_one = [sample for r in steps if r["step"] >= EPOCH_END for sample in r["ids"]]
+    assert len(epoch_one) == len(set(epoch_one)), epoch_one
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == LAST_STEP
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert any(tag.startswith("resume/data_position") for tag in events.Tags()["tensors"])
