@@ -302,6 +302,21 @@ def test_buckets_by_aspect_and_length_never_mix_in_a_batch(tiny_release, tmp_pat
     assert shapes == {(3, 16, 4, 6), (3, 16, 6, 4), (5, 16, 4, 6)}
     assert sorted(seen) == sorted(name for name in clips if name != "short")
 
+    # A position saved at batch size 2 cannot be placed in these several streams at batch size
+    # 1, nor can a manifest loader's: the interrupted epoch ends, the next is whole.
+    loader = data.train_dataloader()
+    next(iter(loader))
+    saved = loader.state_dict()
+    for state, said in ((saved, "this store has several streams"), ({"source": "manifest"}, "not this feature store's")):
+        other = VideoFaceDataModule(feature_store=str(store), buckets=buckets, batch_size=1, num_workers=0)
+        other.setup("fit")
+        told = []
+        other._report_resume = told.append
+        resumed = other.train_dataloader()
+        resumed.load_state_dict(state)
+        assert list(resumed) == [] and said in told[0] and "goes on with the next one" in told[0]
+        assert sorted(sample for batch in resumed for sample in batch[keys.SAMPLE_ID]) == sorted(seen)
+
 
 def test_a_store_that_declares_a_pickled_field_is_refused(preprocessed, tmp_path):
     """litdata can store a field as a pickle, which would run code when read: refused, by file."""
