@@ -1,5 +1,6 @@
 """The kit's one entry point: `echovideo {preprocess,fit,validate,predict} --config experiments/X.yaml`,
 `echovideo consolidate CHECKPOINT OUT` (see lightning_modules/consolidate.py),
+`echovideo convert-checkpoint CHECKPOINT_DIR` (lightning_modules/deepspeed_checkpoint.py),
 `echovideo generate ...` (echovideo/generate.py) and `echovideo evaluate ...` (echovideo/evaluate.py).
 
 Also reachable as `python -m echovideo`. Experiments compose with `class_path`/`init_args`
@@ -277,6 +278,11 @@ def main(args=None) -> None:
         from lightning_modules.consolidate import main as consolidate
 
         consolidate(argv[1:])
+        return
+    if argv[:1] == ["convert-checkpoint"]:
+        from lightning_modules.deepspeed_checkpoint import main as convert_checkpoint
+
+        convert_checkpoint(argv[1:])
         return
     if argv[:1] == ["generate"]:
         from echovideo.generate import main as generate

@@ -12,8 +12,12 @@ own loader, which unpickles in full: resume only from checkpoints you trust.)
 import glob
 import os
 import pickle
+import shutil
+from pathlib import Path
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class DeepSpeedCheckpointError(ValueError):
@@ -41,3 +45,109 @@ def deepspeed_client_state(directory: str) -> dict:
         raise DeepSpeedCheckpointError(
             f"{path}: holds objects other than tensors and plain data, which the kit does not unpickle "
             f"from a checkpoint ({str(error).splitlines()[0]}); it was not written by this kit's training") from None
+
+
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def saved_world_size(directory: str) -> int:
+    """How many ranks wrote the ZeRO optimizer partitions of a DeepSpeed checkpoint directory."""
+    tag = _latest_tag(directory)
+    shards = glob.glob(os.path.join(directory, tag, "*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    if not shards:
+        raise DeepSpeedCheckpointError(
+            f"{os.path.join(directory, tag)} holds no *zero_pp_rank_*_optim_states.pt: not a ZeRO checkpoint "
+            "with its optimizer; give the directory a ZeRO run wrote")
+    return len(shards)
+
+
+def convert_to_universal(directory: str) -> str:
+    """Write DeepSpeed's universal (world-size-free) form of a ZeRO checkpoint directory beside
+    its tag, `<tag>_universal`, and point `latest_universal` at it; returns that folder.
+
+    Done once: a directory already converted is left as it is. The conversion is written to a
+    temporary folder and renamed into place, so a kill leaves no half-converted checkpoint.
+    """
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    from datamodules.files import write_text_atomically
+
+    tag = _latest_tag(directory)
+    universal = os.path.join(directory, tag + UNIVERSAL_SUFFIX)
+    pointer = os.path.join(directory, "latest_universal")
+    if os.path.isdir(universal) and os.path.isfile(pointer) and open(pointer).read().strip() == tag + UNIVERSAL_SUFFIX:
+        return universal
+    partial = universal + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    # inject_missing_state: Lightning's ZeRO-1/2 checkpoints lack the universal_checkpoint_info
+    # DeepSpeed's converter asks for (it carries no data the conversion needs).
+    ds_to_universal.main(Namespace(input_folder=os.path.join(directory, tag), output_folder=partial,
+                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                   strict=True, inject_missing_state=True))
+    shutil.rmtree(universal, ignore_errors=True)
+    os.replace(partial, universal)
+    write_text_atomically(Path(pointer), tag + UNIVERSAL_SUFFIX)
+    return universal
+
+
+def _latest_tag(directory: str) -> str:
+    latest = os.path.join(directory, "latest")
+    if not os.path.isfile(latest):
+        raise DeepSpeedCheckpointError(
+            f"{directory}: no `latest` file, so not a DeepSpeed checkpoint directory; give the directory "
+            "a DeepSpeed run wrote (e.g. RUN/checkpoints/last.ckpt)")
+    return open(latest).read().strip()
+
+
+class ResumableDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy that resumes a ZeRO checkpoint on any number of GPUs.
+
+    A checkpoint's optimizer partitions belong to the world size that wrote them. When the
+    run that resumes has another one, rank 0 converts the checkpoint once into DeepSpeed's
+    universal form (`convert_to_universal`, also `echovideo convert-checkpoint`) and every rank
+    loads that: weights, both Adam moments and the step carry over exactly, as do Lightning's
+    loops and callbacks. Same world size: the plain load.
+    """
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        if not (fitting and os.path.isdir(checkpoint_path) and not self.load_full_weights):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        saved = saved_world_size(str(checkpoint_path))
+        if saved == self.world_size:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        if self.is_global_zero:
+            convert_to_universal(str(checkpoint_path))
+        self.barrier("universal_checkpoint")
+        rank_zero_warn(f"{checkpoint_path}: written by {saved} ranks, resumed on {self.world_size}; loading "
+                       f"its universal form ({UNIVERSAL_SUFFIX[1:]} folder beside it)")
+        config = self.deepspeed_engine._config
+        config.load_universal_checkpoint = True
+        try:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        finally:
+            config.load_universal_checkpoint = False
+
+
+def main(argv: list[str]) -> None:
+    """`echovideo convert-checkpoint CHECKPOINT_DIR`: the universal form, written ahead of a
+    resume on another number of GPUs (which otherwise converts on its first start)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="echovideo convert-checkpoint",
+        description="Convert a DeepSpeed ZeRO checkpoint directory (e.g. RUN/checkpoints/last.ckpt) to "
+                    "DeepSpeed's universal form beside it, so it resumes on any number of GPUs.")
+    parser.add_argument("checkpoint", help="a DeepSpeed checkpoint directory written by `echovideo fit`")
+    args = parser.parse_args(argv)
+    try:
+        world_size = saved_world_size(args.checkpoint)
+        universal = convert_to_universal(args.checkpoint)
+    except DeepSpeedCheckpointError as error:
+        parser.exit(2, f"echovideo convert-checkpoint: error: {error}\n")
+    print(f"{args.checkpoint}: written by {world_size} rank(s); universal form in {universal}. "
+          f"Resume with `echovideo fit ... --ckpt_path {args.checkpoint}` on any number of GPUs.")

@@ -4,6 +4,7 @@ the run is a subprocess of the test, never inside pytest)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,39 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank_without_repeating_a_sample(pr
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
     assert any(tag.startswith("resume/data_position") for tag in events.Tags()["tensors"])
+
+
+def zero_strategy(stage: int) -> str:
+    return json.dumps({"class_path": "cpu_deepspeed.CPUDeepSpeedStrategy",
+                       "init_args": {"stage": stage, "logging_batch_size_per_gpu": 2}})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_run_on_two_ranks_resumes_exactly_there_and_on_one_rank(stage, preprocessed, tiny_release, tmp_path):
+    """ZeRO-2/3 on 2 ranks: stopped inside an epoch and resumed on 2 ranks, the losses are the
+    whole run's; the same checkpoint resumed on 1 rank is converted to DeepSpeed's universal
+    form on its own, and its first step gives the loss the whole run's rank 0 had on that
+    batch (same weights, same random keys), then the epoch goes on without a repeated sample."""
+    strategy = zero_strategy(stage)
+    whole, split, on_one = tmp_path / "whole", tmp_path / "split", tmp_path / "on_one"
+    store_fit(preprocessed, tiny_release, whole, LAST_STEP, strategy=strategy)
+    store_fit(preprocessed, tiny_release, split, MID_EPOCH, strategy=strategy)
+    shutil.copytree(split, on_one)
+    store_fit(preprocessed, tiny_release, split, LAST_STEP, strategy=strategy, resume=True)
+
+    def by_step(run):
+        return sorted((r["step"], r["ids"], r["loss"]) for r in recorded_steps(run))
+
+    assert [(s, ids) for s, ids, _ in by_step(split)] == [(s, ids) for s, ids, _ in by_step(whole)]
+    assert [loss for *_, loss in by_step(split)] == pytest.approx([loss for *_, loss in by_step(whole)], rel=1e-4)
+
+    resumed = store_fit(preprocessed, tiny_release, on_one, LAST_STEP, world_size=1, strategy=strategy, resume=True)
+    assert "written by 2 ranks, resumed on 1" in resumed.stderr and "resumed at world size 1" in resumed.stderr
+    steps = recorded_steps(on_one)
+    assert sorted({r["step"] for r in steps}) == list(range(LAST_STEP))
+    epoch_one = [sample for r in steps if r["step"] >= EPOCH_END for sample in r["ids"]]
+    assert len(epoch_one) == len(set(epoch_one)), epoch_one
+    first = next(r for r in steps if r["step"] == MID_EPOCH)
+    same_batch = [r["loss"] for r in recorded_steps(whole) if r["step"] == MID_EPOCH and r["ids"] == first["ids"]]
+    assert same_batch and first["loss"] == pytest.approx(same_batch[0], rel=1e-4)
