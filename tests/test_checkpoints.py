@@ -74,6 +74,29 @@ def test_zero_checkpoint_consolidates_to_a_strict_release_folder(stage, tiny_rel
     assert (out / "vae").resolve() == (tiny_release / "vae").resolve()  # the other parts are linked
 
 
+def test_convert_checkpoint_writes_the_universal_form_once_and_names_a_bad_directory(
+        tiny_release, fixed_features, tmp_path, capsys):
+    module = build_module(tiny_release, trainable="iitf", learning_rate=1e-2)
+    fit = trainer(tmp_path, strategy=CPUDeepSpeedStrategy(stage=2, logging_batch_size_per_gpu=2,
+                                                          exclude_frozen_parameters=True), max_steps=1)
+    fit.fit(module, loader(fixed_features, 1))
+    checkpoint = tmp_path / "zero.ckpt"
+    fit.save_checkpoint(checkpoint)
+    echovideo_main(["convert-checkpoint", str(checkpoint)])
+    assert "written by 1 rank(s)" in capsys.readouterr().out
+    tag = (checkpoint / "latest").read_text().strip()
+    assert (checkpoint / "latest_universal").read_text() == f"{tag}_universal"
+    assert list((checkpoint / f"{tag}_universal" / "zero").iterdir())  # one folder per parameter
+    stamp = (checkpoint / f"{tag}_universal").stat().st_mtime_ns
+    echovideo_main(["convert-checkpoint", str(checkpoint)])  # already converted: left as it is
+    assert (checkpoint / f"{tag}_universal").stat().st_mtime_ns == stamp
+
+    with pytest.raises(SystemExit) as stop:
+        echovideo_main(["convert-checkpoint", str(tmp_path)])
+    assert stop.value.code == 2
+    assert f"{tmp_path}: no `latest` file" in capsys.readouterr().err
+
+
 def test_file_checkpoint_keeps_only_trainable_weights_and_resumes(tiny_release, fixed_features, tmp_path):
     module = build_module(tiny_release, trainable="iitf")
     fit = trainer(tmp_path, max_steps=2)
