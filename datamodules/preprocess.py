@@ -379,11 +379,25 @@ def preprocess(
     _fill_report_from_parts(report, work, parts)
     report.complete = report.parts_done == report.parts_total
     write_text_atomically(work / REPORT_FILE, json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
-    merged = _merge_node_reports(store, num_nodes)
-    if merged.complete and sum(merged.written.values()) and not (store / UNCONDITIONAL_FILE).is_file():
-        raise FeatureStoreError(f"{store / UNCONDITIONAL_FILE}: not written by the workers")
-    write_text_atomically(store / REPORT_FILE, json.dumps(asdict(merged), indent=2, ensure_ascii=False) + "\n")
-    return merged
+    return _write_merged_report(store, num_nodes)
+
+
+def _write_merged_report(store: Path, num_nodes: int) -> PreprocessReport:
+    """Write the report over every node, as it stands once this node has finished.
+
+    Nodes finishing together each merge and write; a node that merged before another's
+    report landed could write its stale merge last. So each node reads the reports again
+    after writing and writes again if they changed: whichever node finishes last leaves
+    the merge of every node's final report, with no lock (none holds across nodes on every
+    shared file system).
+    """
+    while True:
+        merged = _merge_node_reports(store, num_nodes)
+        if merged.complete and sum(merged.written.values()) and not (store / UNCONDITIONAL_FILE).is_file():
+            raise FeatureStoreError(f"{store / UNCONDITIONAL_FILE}: not written by the workers")
+        write_text_atomically(store / REPORT_FILE, json.dumps(asdict(merged), indent=2, ensure_ascii=False) + "\n")
+        if _merge_node_reports(store, num_nodes) == merged:
+            return merged
 
 
 @contextlib.contextmanager

@@ -64,3 +64,17 @@ def store_overrides(release: Path, manifest: Path, store: Path, run: Path, part_
         "--data.init_args.num_workers=2",
         f"--preprocess.part_size={part_size}",
     ]
+
+
+def store_contents(store: Path) -> dict:
+    """Each sample of a store by id: the sum of every tensor it holds."""
+    import torch
+
+    from datamodules import batch as keys
+    from datamodules.feature_store import open_store_dataset
+
+    contents = {}
+    for sample in open_store_dataset(store, shuffle=False, seed=0, verify_sources=False):
+        contents[sample[keys.SAMPLE_ID]] = {k: v.float().sum().item() for k, v in sample.items()
+                                            if isinstance(v, torch.Tensor)}
+    return contents

@@ -34,7 +34,8 @@ from datamodules.feature_store import (
 from datamodules.video_dataset import decode_clip
 from echovideo.cli import EchoVideoCLI, PreprocessCLI
 from helpers_video import write_gray_ramp_video
-from store_helpers import EXPERIMENT, ROOT, store_overrides as _overrides
+from store_helpers import EXPERIMENT, ROOT, store_contents, store_overrides as _overrides
+
 
 class SampleIdRecorder(pl.Callback):
     """Appends the sample ids of every training batch, one JSON line per step, to `path`."""
@@ -125,14 +126,6 @@ def test_fit_from_store_resumes_at_the_exact_next_sample(preprocessed, tiny_rele
     assert {f"data/skipped/{r}" for r in ("unreadable_video", "no_face", "source_changed")} <= set(tags)
 
 
-def _store_contents(store: Path) -> dict:
-    contents = {}
-    for sample in open_store_dataset(store, shuffle=False, seed=0, verify_sources=False):
-        contents[sample[keys.SAMPLE_ID]] = {k: v.float().sum().item() for k, v in sample.items()
-                                            if isinstance(v, torch.Tensor)}
-    return contents
-
-
 def test_interrupted_preprocess_says_so_is_refused_by_fit_and_continues_to_the_same_store(
         preprocessed, tiny_release, tmp_path):
     """Ctrl-C, SIGKILL and SIGTERM, each to the whole process group (litdata's workers too) once
@@ -167,8 +160,8 @@ def test_interrupted_preprocess_says_so_is_refused_by_fit_and_continues_to_the_s
 
     resumed = PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides]).run_preprocess()
     assert resumed.complete and resumed.written == {"9x32x32": 9}
-    contents = _store_contents(store)
-    assert len(contents) == 9 and contents == _store_contents(reference_store)
+    contents = store_contents(store)
+    assert len(contents) == 9 and contents == store_contents(reference_store)
     bucket = store / "9x32x32" / "node-000-of-001"
     listed = {chunk["filename"] for chunk in json.loads((bucket / "index.json").read_text())["chunks"]}
     on_disk = {p.name for p in bucket.iterdir() if p.name != "index.json"}
@@ -232,8 +225,8 @@ def test_two_nodes_each_write_a_shard_and_together_the_whole_store(preprocessed,
     assert both.written == reference.written and both.skipped == reference.skipped
     assert both.captions_truncated == reference.captions_truncated
     assert json.loads((store / REPORT_FILE).read_text())["complete"]
-    contents = _store_contents(store)
-    assert len(contents) == 9 and contents == _store_contents(reference_store)
+    contents = store_contents(store)
+    assert len(contents) == 9 and contents == store_contents(reference_store)
     with pytest.raises(ValueError, match="overwrite with 2 nodes"):
         node(0, "--preprocess.overwrite=true")
 
@@ -330,3 +323,38 @@ def test_a_store_that_declares_a_pickled_field_is_refused(preprocessed, tmp_path
     index.write_text(json.dumps(meta))
     with pytest.raises(FeatureStoreError, match=rf"{index}: config.data_format declares \['pickle'\]"):
         open_store_dataset(copy, shuffle=False, seed=0)
+
+
+def test_the_node_that_merges_last_leaves_the_complete_report(tmp_path, monkeypatch):
+    """Node 0 merges while node 1 is unfinished; node 1 then finishes and writes the complete
+    merge before node 0's stale one lands. Node 0 sees the reports changed and writes again."""
+    from dataclasses import asdict
+
+    from datamodules import preprocess
+    from datamodules.feature_store import REPORT_FILE, UNCONDITIONAL_FILE, WORK_DIR, shard_name
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / UNCONDITIONAL_FILE).write_bytes(b"")
+
+    def node_report(rank: int, complete: bool) -> None:
+        path = store / WORK_DIR / shard_name(rank, 2) / REPORT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report = preprocess.PreprocessReport(manifest="m", store=str(store), written={"9x32x32": 1},
+                                             parts_done=int(complete), parts_total=1, complete=complete)
+        path.write_text(json.dumps(asdict(report)))
+
+    node_report(0, True)
+    node_report(1, False)
+    write, node_one_done = preprocess.write_text_atomically, []
+
+    def node_one_finishes_first(path, text):
+        if path == store / REPORT_FILE and not node_one_done:
+            node_one_done.append(True)
+            node_report(1, True)
+            write(path, json.dumps(asdict(preprocess._merge_node_reports(store, 2))))  # node 1's merge
+        write(path, text)
+
+    monkeypatch.setattr(preprocess, "write_text_atomically", node_one_finishes_first)
+    assert preprocess._write_merged_report(store, 2).complete
+    assert json.loads((store / REPORT_FILE).read_text())["complete"]

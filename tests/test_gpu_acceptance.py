@@ -26,6 +26,19 @@ def dry_run(tmp_path_factory):
     return out, json.loads((out / "acceptance.json").read_text()), process.stdout
 
 
+def test_dry_run_of_the_release_folder_and_training(tmp_path_factory):
+    """The default suite's share of the dry run (the whole one, about 130 s here, is `slow`):
+    the release folder written then loaded, and a ZeRO-2 training step timed from it."""
+    out, work = tmp_path_factory.mktemp("acceptance"), tmp_path_factory.mktemp("acceptance-work")
+    process = run_script("--dry-run", "--parts", "release_folder,training", "--out", out, "--work", work)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    parts = json.loads((out / "acceptance.json").read_text())["parts"]
+    assert [(name, part["status"]) for name, part in parts.items()] == [("release_folder", "ok"), ("training", "ok")]
+    assert parts["training"]["loss_finite"] and parts["training"]["timed_steps"] == 2
+    assert "ZeRO-2" in parts["training"]["strategy"]
+
+
+@pytest.mark.slow
 def test_dry_run_runs_every_part(dry_run):
     out, report, stdout = dry_run
     parts = report["parts"]
@@ -41,6 +54,7 @@ def test_dry_run_runs_every_part(dry_run):
         assert (out / f"log_{name}.txt").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_dry_run_figures_come_from_the_real_parts(dry_run):
     _, report, _ = dry_run
     parts = report["parts"]
@@ -71,6 +85,7 @@ def test_dry_run_figures_come_from_the_real_parts(dry_run):
             setting["setup_s"] + 50 * setting["seconds_per_step"] + sampling["decode_s"])
 
 
+@pytest.mark.slow
 def test_markdown_tables_and_render_into_the_benchmarks_page(dry_run, tmp_path):
     out, report, stdout = dry_run
     markdown = (out / "acceptance.md").read_text()

@@ -5,8 +5,10 @@ the run is a subprocess of the test, never inside pytest)."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 
 from datamodules.demo_data import write_demo_dataset
 from module_helpers import tensorboard_scalars
-from store_helpers import store_overrides
+from store_helpers import store_contents, store_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = ROOT / "experiments" / "demo_tiny.yaml"
@@ -166,3 +168,43 @@ def test_zero_run_on_two_ranks_resumes_exactly_there_and_on_one_rank(stage, prep
     first = next(r for r in steps if r["step"] == MID_EPOCH)
     same_batch = [r["loss"] for r in recorded_steps(whole) if r["step"] == MID_EPOCH and r["ids"] == first["ids"]]
     assert same_batch and first["loss"] == pytest.approx(same_batch[0], rel=1e-4)
+
+
+def test_two_preprocess_nodes_at_once_one_killed_and_rerun_write_the_one_node_store(
+        preprocessed, tiny_release, tmp_path):
+    """Nodes 0 and 1 of 2 started together; node 1 is SIGKILLed (its whole process group) once
+    its first part is written, node 0 finishes; the store is refused as incomplete until node 1
+    runs again. Then every sample equals the one-node store's, and the merged report, written
+    by whichever node finished last, is complete."""
+    from datamodules.feature_store import FeatureStoreError, read_store_meta
+
+    _, manifest, reference_store, reference = preprocessed
+    store = tmp_path / "store"
+    overrides = store_overrides(tiny_release, manifest, store, tmp_path / "run", part_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def node(rank: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "echovideo", "preprocess", "--config", str(EXPERIMENT), *overrides,
+             "--preprocess.num_nodes=2", f"--preprocess.node_rank={rank}"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+
+    first_part = store / ".preprocess" / "node-001-of-002" / "parts" / "9x32x32" / "part-00000.json"
+    zero, one = node(0), node(1)
+    deadline = time.monotonic() + 240
+    while not first_part.is_file() and one.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(one.pid, signal.SIGKILL)
+    one.wait(timeout=60)
+    assert one.returncode == -signal.SIGKILL  # killed mid-way, not finished before the kill
+    assert zero.wait(timeout=240) == 0, zero.stderr.read()[-3000:]
+    with pytest.raises(FeatureStoreError, match="the feature store is incomplete"):
+        read_store_meta(store)
+
+    rerun = node(1)
+    assert rerun.wait(timeout=240) == 0, rerun.stderr.read()[-3000:]
+    merged = json.loads((store / "report.json").read_text())
+    assert merged["complete"] and merged["written"] == reference.written and merged["skipped"] == reference.skipped
+    read_store_meta(store)
+    assert store_contents(store) == store_contents(reference_store)
