@@ -208,3 +208,27 @@ def test_two_preprocess_nodes_at_once_one_killed_and_rerun_write_the_one_node_st
     assert merged["complete"] and merged["written"] == reference.written and merged["skipped"] == reference.skipped
     read_store_meta(store)
     assert store_contents(store) == store_contents(reference_store)
+
+
+def test_torchrun_generate_on_two_ranks_makes_every_video_once(tiny_release, face_root, tmp_path):
+    """`torchrun --nproc_per_node 2 -m echovideo generate`: the ranks share the requests out,
+    each video is made by exactly one rank, and each rank lists what it made."""
+    from lightning_modules.tiny_face_models import write_tiny_face_photo
+
+    photo = write_tiny_face_photo(tmp_path / "person.png")
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps({"prompt": f"person {i}", "face_image": str(photo), "id": f"r{i}"})
+                                  for i in range(3)) + "\n")
+    out = tmp_path / "out"
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    process = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "echovideo",
+         "generate", "--pretrained_path", str(tiny_release), "--face_models", str(face_root),
+         "--requests", str(requests), "--out_dir", str(out), "--num_frames", "9", "--height", "32", "--width", "32",
+         "--num_inference_steps", "1", "--dtype", "float32", "--no_progress", "--no_vae_tiling", "--device", "cpu"],
+        cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-4000:]
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["r0.mp4", "r1.mp4", "r2.mp4"]
+    made = {rank: [json.loads(line)["id"] for line in (out / f"generated.rank{rank}.jsonl").read_text().splitlines()]
+            for rank in (0, 1)}
+    assert made == {0: ["r0", "r2"], 1: ["r1"]}
