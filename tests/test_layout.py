@@ -25,3 +25,21 @@ def test_the_library_never_imports_the_command_line():
         for package in LIBRARY for path in sorted((ROOT / package).glob("*.py"))
     }
     assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_test_helpers_never_go_through_a_package_named_tests():
+    """torch-fidelity installs a top-level `tests` package; a `tests.x` import or class_path
+    would find that one. The suite names its helpers by module (`cpu_deepspeed`, ...), found
+    in this folder, which pytest puts first on the path."""
+    import cpu_deepspeed
+
+    assert Path(cpu_deepspeed.__file__).parent == ROOT / "tests"
+    offenders = []
+    scanned = [p for p in sorted((ROOT / "tests").glob("*.py")) if p.name != Path(__file__).name]
+    for path in scanned + sorted((ROOT / "experiments").rglob("*.yaml")):
+        if path.suffix == ".py":
+            names = imported_modules(path)
+            offenders += [f"{path.name}: import {n}" for n in names if n == "tests" or n.startswith("tests.")]
+        offenders += [f"{path.name}: {line.strip()}" for line in path.read_text().splitlines()
+                      if "class_path: tests." in line or '"tests.' in line]
+    assert offenders == []
