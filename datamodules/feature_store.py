@@ -45,6 +45,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,7 @@ STORE_META = "store.json"
 UNCONDITIONAL_FILE = "unconditional.safetensors"
 REPORT_FILE = "report.json"
 WORK_DIR = ".preprocess"
+ALL_NODES = "all-nodes"  # per bucket: one index over every node's chunks (see merge_node_shards)
 
 STORED_TENSORS = (keys.LATENT_MEAN, keys.LATENT_STD, keys.FACE_LATENT, keys.SIGLIP_TOKENS, keys.ARCFACE,
                   keys.TEXT_EMBEDS)
@@ -241,8 +244,7 @@ def open_store_dataset(store: str | Path, shuffle: bool, seed: int, verify_sourc
     meta = read_store_meta(store)
     dataset_class = _streaming_dataset_class()
     streams = []
-    shards = [shard_name(rank, meta["num_nodes"]) for rank in range(meta["num_nodes"])]
-    for bucket_dir in (store / name / shard for name in meta["buckets"] for shard in shards):
+    for bucket_dir in (folder for name in meta["buckets"] for folder in _bucket_streams(store / name, meta["num_nodes"])):
         if not (bucket_dir / "index.json").is_file():
             continue  # a bucket no sample landed in
         check_fields_are_data(bucket_dir / "index.json")
@@ -253,6 +255,65 @@ def open_store_dataset(store: str | Path, shuffle: bool, seed: int, verify_sourc
     if len(streams) == 1:
         return streams[0]
     return CombinedStreamingDataset(streams, seed=seed, iterate_over_all=True, batching_method="per_stream")
+
+
+def _bucket_streams(bucket: Path, num_nodes: int) -> list[Path]:
+    """The folders one bucket is read from: its merge over every node when there is one,
+    else each node's shard."""
+    if (bucket / ALL_NODES / "index.json").is_file():
+        return [bucket / ALL_NODES]
+    return [bucket / shard_name(rank, num_nodes) for rank in range(num_nodes)]
+
+
+def merge_node_shards(store: Path, buckets: Sequence[str], num_nodes: int) -> None:
+    """Give each bucket of a store written by several nodes one index over every node's chunks.
+
+    Read as one stream per node shard, a bucket loses samples at every epoch: litdata evens out
+    each stream over ranks and loader workers on its own (a 2-node store on 2 ranks lost 8 of
+    24). One stream per bucket loses at most what a one-node store does. The chunk files are
+    hard-linked into `<bucket>/all-nodes/` (copied where the file system has no hard links)
+    under node-prefixed names, beside an index listing them all: no data is rewritten and the
+    shards stay as they are. Built in a folder of its own and renamed into place, so two nodes
+    finishing together, or a kill, never leave a partial merge (the rename of the second fails
+    and it drops its copy). Shards whose index settings differ are left as separate streams.
+    """
+    if num_nodes < 2:
+        return
+    for name in buckets:
+        bucket = store / name
+        merged = bucket / ALL_NODES
+        if (merged / "index.json").is_file():
+            continue
+        indexes = [(shard, json.loads((bucket / shard / "index.json").read_text(encoding="utf-8")))
+                   for shard in (shard_name(rank, num_nodes) for rank in range(num_nodes))
+                   if (bucket / shard / "index.json").is_file()]
+        if len(indexes) < 2 or any(index["config"] != indexes[0][1]["config"] for _, index in indexes):
+            continue
+        partial = bucket / f"{ALL_NODES}.partial-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        chunks = []
+        for shard, index in indexes:
+            for chunk in index["chunks"]:
+                linked = f"{shard}-{chunk['filename']}"
+                _link_or_copy(bucket / shard / chunk["filename"], partial / linked)
+                chunks.append({**chunk, "filename": linked})
+        (partial / "index.json").write_text(json.dumps({"chunks": chunks, "config": indexes[0][1]["config"],
+                                                        "updated_at": indexes[-1][1].get("updated_at")}),
+                                            encoding="utf-8")
+        try:
+            os.rename(partial, merged)
+        except OSError:
+            if not (merged / "index.json").is_file():
+                raise
+            shutil.rmtree(partial, ignore_errors=True)  # another node's merge landed first
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def store_loader(dataset, batch_size: int, num_workers: int, collate_fn, report=None):
@@ -267,7 +328,7 @@ def store_loader(dataset, batch_size: int, num_workers: int, collate_fn, report=
     A position saved under another layout (world size, loader workers or batch size):
     a single-stream store continues the epoch where it stopped, litdata dealing the samples
     not yet seen over the new ranks (no sample repeated); a store of several streams
-    (buckets, node shards), whose interleaving litdata cannot re-deal, and a position that
+    (buckets), whose interleaving litdata cannot re-deal, and a position that
     is not a store's at all (a run started from a manifest) end the interrupted epoch there
     and go on with the next one. `report(message)` is told which.
     """

@@ -55,6 +55,7 @@ from datamodules.feature_store import (
     WORK_DIR,
     Bucket,
     FeatureStoreError,
+    merge_node_shards,
     shard_name,
     as_stored_bits,
     encode_png,
@@ -395,6 +396,8 @@ def _write_merged_report(store: Path, num_nodes: int) -> PreprocessReport:
         merged = _merge_node_reports(store, num_nodes)
         if merged.complete and sum(merged.written.values()) and not (store / UNCONDITIONAL_FILE).is_file():
             raise FeatureStoreError(f"{store / UNCONDITIONAL_FILE}: not written by the workers")
+        if merged.complete:  # before the report says so: a complete store is read one way on every rank
+            merge_node_shards(store, json.loads((store / STORE_META).read_text(encoding="utf-8"))["buckets"], num_nodes)
         write_text_atomically(store / REPORT_FILE, json.dumps(asdict(merged), indent=2, ensure_ascii=False) + "\n")
         if _merge_node_reports(store, num_nodes) == merged:
             return merged

@@ -30,8 +30,9 @@ from datamodules.feature_store import (
     open_store_dataset,
     read_store_meta,
     record_to_sample,
+    store_loader,
 )
-from datamodules.video_dataset import decode_clip
+from datamodules.video_dataset import collate_skipping_unreadable, decode_clip
 from echovideo.cli import EchoVideoCLI, PreprocessCLI
 from helpers_video import write_gray_ramp_video
 from store_helpers import EXPERIMENT, ROOT, store_contents, store_overrides as _overrides
@@ -230,6 +231,35 @@ def test_two_nodes_each_write_a_shard_and_together_the_whole_store(preprocessed,
     with pytest.raises(ValueError, match="overwrite with 2 nodes"):
         node(0, "--preprocess.overwrite=true")
 
+    # Read as one stream over both nodes' chunks (hard links: nothing copied), 2 ranks lose in
+    # an epoch what they lose on the one-node store, less than one global batch.
+    bucket = store / "9x32x32"
+    chunks = sorted((bucket / "all-nodes").glob("*.bin"))
+    assert len(chunks) == 2 and all(chunk.stat().st_nlink == 2 for chunk in chunks)
+    one_node = len(two_rank_epoch(reference_store))
+    assert one_node > 9 - 2 * 3 and len(two_rank_epoch(store)) == one_node
+    # Read as before, a stream per node shard (5 and 4 samples): each is evened out over the
+    # ranks and cut to whole batches on its own, and this epoch gave nothing at all.
+    os.rename(bucket / "all-nodes", bucket / "unmerged")
+    assert len(two_rank_epoch(store)) == 0
+
+
+def two_rank_epoch(store: Path) -> list[str]:
+    """The sample ids an epoch gives 2 ranks (one loader worker each, batch 3), read here as
+    litdata deals them to ranks."""
+    from litdata.utilities.env import _DistributedEnv
+
+    seen = []
+    for rank in range(2):
+        dataset = open_store_dataset(store, shuffle=True, seed=0, verify_sources=False)
+        for stream in getattr(dataset, "_datasets", [dataset]):
+            stream.distributed_env = _DistributedEnv(world_size=2, global_rank=rank, num_nodes=1)
+            stream.set_drop_last(True)  # as litdata sets it on several ranks
+        loader = store_loader(dataset, batch_size=3, num_workers=1, collate_fn=collate_skipping_unreadable)
+        seen += [sample for batch in loader for sample in batch[keys.SAMPLE_ID]]
+    assert len(seen) == len(set(seen))
+    return sorted(seen)
+
 
 def test_preprocess_with_the_face_pipeline(tiny_release, face_root, tmp_path):
     """Real insightface detection, alignment, parsing and ArcFace inside preprocess; faces
@@ -336,6 +366,7 @@ def test_the_node_that_merges_last_leaves_the_complete_report(tmp_path, monkeypa
     store = tmp_path / "store"
     store.mkdir()
     (store / UNCONDITIONAL_FILE).write_bytes(b"")
+    (store / "store.json").write_text(json.dumps({"buckets": []}))
 
     def node_report(rank: int, complete: bool) -> None:
         path = store / WORK_DIR / shard_name(rank, 2) / REPORT_FILE

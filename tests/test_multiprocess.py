@@ -207,6 +207,7 @@ def test_two_preprocess_nodes_at_once_one_killed_and_rerun_write_the_one_node_st
     merged = json.loads((store / "report.json").read_text())
     assert merged["complete"] and merged["written"] == reference.written and merged["skipped"] == reference.skipped
     read_store_meta(store)
+    assert (store / "9x32x32" / "all-nodes" / "index.json").is_file()  # read as one stream
     assert store_contents(store) == store_contents(reference_store)
 
 
