@@ -413,6 +413,10 @@ class EchoVideoModule(pl.LightningModule):
         # draws the same noise, so val/loss curves compare across the run.
         features = self.encode_features(batch, step=-1, micro_batch=batch_idx)
         if features is None:
+            # Nothing readable in this batch. Logged with weight 0 all the same: the epoch-end
+            # mean is reduced over ranks, and a rank that never logged val/loss (its whole
+            # share skipped) would leave the others waiting in that collective.
+            self.log("val/loss", torch.zeros((), device=self.device), prog_bar=True, batch_size=0, sync_dist=True)
             return None
         with torch.no_grad():
             loss, _ = self.diffusion_loss(features, step=-1, micro_batch=batch_idx)

@@ -43,15 +43,20 @@ def launch_ranks(command: str, *args, world_size: int = 2, strategy: str = "ddp"
 def test_a_rank_whose_whole_batch_is_unreadable_does_not_stop_a_ddp_run(tiny_release, tmp_path):
     """Two readable clips and two corrupt ones, batch 1 on 2 ranks, 2 micro-batches a step: a
     rank often holds only a corrupt clip. The run takes every step and counts every skip over
-    both ranks."""
+    both ranks; validation, where one rank reads nothing at all, still gives its mean."""
     manifest = write_demo_dataset(tmp_path / "data", num_clips=2, num_frames=9, height=32, width=32, face_size=32)
     for name in ("corrupt_a", "corrupt_b"):
         (manifest.parent / f"{name}.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a real video")
         with open(manifest, "a") as lines:
             lines.write(json.dumps({"id": name, "video": f"{name}.mp4", "caption": "a man walks"}) + "\n")
+    # Validation: rank 0 gets the readable clip, rank 1 only the corrupt one.
+    validation = manifest.parent / "val.jsonl"
+    lines = manifest.read_text().splitlines()
+    validation.write_text("\n".join([lines[0], lines[-1]]) + "\n")
     run = tmp_path / "run"
     process = launch_ranks(
         "fit", "--config", EXPERIMENT, f"--run_dir={run}", "--trainer.max_time=null", "--trainer.max_steps=2",
+        f"--data.init_args.val_manifest={validation}",
         "--trainer.accumulate_grad_batches=2",
         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         f"--model.init_args.pretrained_path={tiny_release}", "--model.init_args.sampling.height=32",
@@ -63,6 +68,8 @@ def test_a_rank_whose_whole_batch_is_unreadable_does_not_stop_a_ddp_run(tiny_rel
     logged = tensorboard_scalars(run / "tensorboard")
     # 4 samples over 2 ranks: 2 micro-batches a rank an epoch, 2 epochs, each corrupt clip read once an epoch.
     assert logged["data/skipped/unreadable_video"][-1] == (1, 4.0)
+    # Each epoch's validation: the mean over the one clip that could be read, on either rank.
+    assert len(logged["val/loss"]) == 2 and all(value > 0 for _, value in logged["val/loss"])
 
 
 # The tiny store (9 samples) at batch 2 on 2 ranks with one loader worker each: 2 steps an
