@@ -5,6 +5,7 @@ import shutil
 from weakref import proxy
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -23,6 +24,9 @@ class ResumableCheckpoint(ModelCheckpoint):
     Every checkpoint (a file, or a DeepSpeed directory) is written under `<name>.partial`
     and renamed into place once complete, so a kill during a save leaves the previous
     `last.ckpt` intact and `--ckpt_path last` never meets a half-written one.
+
+    A resumed run's TensorBoard steps run on without a gap or a double (see
+    `purge_tensorboard_from` and `align_log_step`).
 
     Defaults: `save_last=True`, `save_on_exception=True`, and `dirpath` None meaning
     `<trainer.default_root_dir>/checkpoints`, a place that does not depend on the logger's
@@ -61,6 +65,10 @@ class ResumableCheckpoint(ModelCheckpoint):
             # A resumed run: the checkpoint it loaded is of this step, so this step needs no
             # save, and a crash before the next one resumes from here (not from step 0).
             self._last_global_step_saved = trainer.global_step
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    if isinstance(logger, TensorBoardLogger):
+                        purge_tensorboard_from(logger, trainer.global_step)
         self._check_log_step = trainer.ckpt_path is not None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -101,6 +109,20 @@ class ResumableCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
+
+
+def purge_tensorboard_from(logger: TensorBoardLogger, step: int) -> None:
+    """Mark the run's event folder so TensorBoard drops what was logged at `step` and later
+    before this point: a run that crashed after its last checkpoint had logged steps that
+    the resumed run logs again, and each would show twice. The mark is the one
+    `SummaryWriter(purge_step=...)` writes (a SessionLog START at that step)."""
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    # The run's own writer, not a second SummaryWriter(purge_step=...): TensorBoard reads a
+    # folder's event files in name order, and a newer file would purge this writer's later steps.
+    writer = logger.experiment._get_file_writer()
+    writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+    writer.flush()
 
 
 def align_log_step(trainer) -> None:

@@ -152,6 +152,12 @@ def test_crashed_and_resumed_run_repeats_the_uninterrupted_losses(
     # Exactly the uninterrupted run's: the plain strategy's curve is the golden one, and
     # ZeRO's fp32 partitioned optimizer reproduces it to float rounding.
     assert curve == pytest.approx(golden_curve, rel=1e-4, abs=1e-6)
+    # Steps 3 and 4, logged before the crash and again after the resume, show once each.
+    from module_helpers import tensorboard_scalars
+
+    logged = tensorboard_scalars(run / "tensorboard")["train/loss"]
+    assert [step for step, _ in logged] == list(range(MAX_STEPS))
+    assert [loss for _, loss in logged] == pytest.approx(golden_curve, rel=1e-4, abs=1e-6)
     checkpoints = run / "checkpoints"
     if strategy != "plain":
         assert (checkpoints / "last.ckpt").is_dir()  # a DeepSpeed checkpoint directory
