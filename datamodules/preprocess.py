@@ -403,6 +403,23 @@ def _write_merged_report(store: Path, num_nodes: int) -> PreprocessReport:
             return merged
 
 
+def _kill_descendants(grace_s: float = 2.0) -> None:
+    """End every process this one started, and theirs: litdata's workers start their own
+    helpers (a cache remover, uploaders) that block on a queue, and one left behind by an
+    interrupted run waited on it for ever, holding its memory (on a GPU node, the encoders).
+    Work already published stays; a re-run redoes the part in flight."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
 @contextlib.contextmanager
 def stop_on_signals(message: Callable[[int], str]):
     """While preprocessing: SIGINT (Ctrl-C) or SIGTERM stops the workers, prints `message(signal)`
@@ -426,6 +443,7 @@ def stop_on_signals(message: Callable[[int], str]):
 
     def exit_now(signum: int) -> None:
         if os.getpid() == main_process:  # litdata's forked workers inherit the handlers: they just stop
+            _kill_descendants()
             print(f"\n{message(signum)}", file=sys.stderr, flush=True)
         os._exit(128 + signum)
 

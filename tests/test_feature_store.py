@@ -150,6 +150,8 @@ def test_interrupted_preprocess_says_so_is_refused_by_fit_and_continues_to_the_s
             process.wait(timeout=120)
             stderr.seek(0)
             said = stderr.read()
+        # Nothing of the run is left: no worker, nor a helper a worker started.
+        assert process_group_ends(process.pid), f"processes of the run outlived {sent.name}"
         if sent == signal.SIGKILL:
             assert process.returncode == -signal.SIGKILL
         else:
@@ -168,6 +170,17 @@ def test_interrupted_preprocess_says_so_is_refused_by_fit_and_continues_to_the_s
     on_disk = {p.name for p in bucket.iterdir() if p.name != "index.json"}
     assert on_disk == listed  # no chunk left over from the stopped parts
     read_store_meta(store)  # complete now
+
+
+def process_group_ends(group: int, within_s: float = 10) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_store_from_another_manifest_is_refused(preprocessed, tiny_release, tmp_path):
