@@ -26,7 +26,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     `last.ckpt` intact and `--ckpt_path last` never meets a half-written one.
 
     A resumed run's TensorBoard steps run on without a gap or a double (see
-    `purge_tensorboard_from` and `align_log_step`).
+    `purge_tensorboard_from`).
 
     Defaults: `save_last=True`, `save_on_exception=True`, and `dirpath` None meaning
     `<trainer.default_root_dir>/checkpoints`, a place that does not depend on the logger's
@@ -35,8 +35,6 @@ class ResumableCheckpoint(ModelCheckpoint):
     names are unique) instead of writing `last-v1.ckpt` beside it, which a run copied or
     moved to another folder did, leaving `--ckpt_path last` on the stale `last.ckpt`.
     """
-
-    _check_log_step = False
 
     def __init__(self, *args, save_last: bool = True, save_on_exception: bool = True,
                  enable_version_counter: bool = False, **kwargs):
@@ -69,12 +67,19 @@ class ResumableCheckpoint(ModelCheckpoint):
                 for logger in trainer.loggers:
                     if isinstance(logger, TensorBoardLogger):
                         purge_tensorboard_from(logger, trainer.global_step)
-        self._check_log_step = trainer.ckpt_path is not None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._check_log_step:
-            self._check_log_step = False
-            align_log_step(trainer)
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # A stop that is known at this batch's end (max_steps, max_time's Timer and early
+        # stopping run before checkpoint callbacks, SIGTERM received): save here, inside the
+        # epoch, as a periodic save does. Saved later, in on_train_end, Lightning has closed
+        # the epoch and the checkpoint records the next one: a run resumed from it counted
+        # epochs one ahead and, from a manifest, drew the next epoch's order.
+        stopping = (trainer.should_stop or trainer.received_sigterm
+                    or (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps))
+        if (self.save_last and stopping and self._last_global_step_saved != trainer.global_step
+                and not trainer.fit_loop.epoch_loop._should_accumulate()):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
@@ -123,20 +128,6 @@ def purge_tensorboard_from(logger: TensorBoardLogger, step: int) -> None:
     writer = logger.experiment._get_file_writer()
     writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
     writer.flush()
-
-
-def align_log_step(trainer) -> None:
-    """Make the step that metrics are logged at equal the optimizer step again after a resume.
-
-    Lightning logs at `fit_loop.epoch_loop._batches_that_stepped`, which it restores from the
-    checkpoint and then bumps by one, assuming the save came from inside a batch. A save at
-    the end of training (`on_train_end`, as `last.ckpt` here) comes after that bump, and a
-    run resumed from one at an epoch end logged every value one step late, skipping a step
-    in TensorBoard. With one optimizer, the two counters are equal at the start of every batch.
-    """
-    epoch_loop = trainer.fit_loop.epoch_loop
-    if epoch_loop._batches_that_stepped != trainer.global_step:
-        epoch_loop._batches_that_stepped = trainer.global_step
 
 
 def _remove(path: str) -> None:

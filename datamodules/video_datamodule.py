@@ -197,7 +197,9 @@ class VideoFaceDataModule(L.LightningDataModule):
                 manifest_problems += self._mixed_video_problems(path, entries)
             results.append(entries)
             problems += manifest_problems
-        if problems and not (self.skip_invalid_lines and all(results)):
+        # Skipping needs a valid line left in each manifest given (an absent one is no reason to refuse).
+        given = [entries for entries, (path, _) in zip(results, manifests) if path is not None]
+        if problems and not (self.skip_invalid_lines and all(given)):
             raise ManifestError(problems)
         if problems:
             rank_zero_warn(f"training on the valid lines only (data.skip_invalid_lines: true); "

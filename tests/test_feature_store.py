@@ -46,7 +46,8 @@ class SampleIdRecorder(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with open(self.path, "a", encoding="utf-8") as log:
-            log.write(json.dumps({"step": trainer.global_step, "ids": batch.get(keys.SAMPLE_ID, [])}) + "\n")
+            log.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch,
+                                  "ids": batch.get(keys.SAMPLE_ID, [])}) + "\n")
 
 
 def _fit_args(overrides: list[str]) -> list[str]:
@@ -125,6 +126,33 @@ def test_fit_from_store_resumes_at_the_exact_next_sample(preprocessed, tiny_rele
     events.Reload()
     tags = events.Tags()["scalars"]
     assert {f"data/skipped/{r}" for r in ("unreadable_video", "no_face", "source_changed")} <= set(tags)
+
+
+def test_a_store_run_resumed_from_its_manifest_ends_the_interrupted_epoch_and_goes_on(
+        preprocessed, tiny_release, tmp_path, monkeypatch):
+    """The loader position in the checkpoint is the store's; the resumed run reads the raw
+    manifest instead. It says so, ends the interrupted epoch there, and trains on."""
+    folder, manifest, store, _ = preprocessed
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    run, log = tmp_path / "run", tmp_path / "steps.jsonl"
+    overrides = _fit_args(_overrides(tiny_release, manifest, store, run))
+
+    def fit(max_steps: int, *extra: str):
+        return EchoVideoCLI(args=["fit", "--config", str(EXPERIMENT), *overrides, f"--trainer.max_steps={max_steps}",
+                                  "--trainer.callbacks+=test_feature_store.SampleIdRecorder",
+                                  f"--trainer.callbacks.init_args.path={log}", *extra])
+
+    fit(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = fit(5, "--ckpt_path=last", "--data.init_args.feature_store=null",
+                      "--data.init_args.skip_invalid_lines=true")
+    said = [str(w.message) for w in caught if "data position" in str(w.message)]
+    assert said and "is a feature store's and this run reads a manifest" in said[0]
+    assert resumed.trainer.global_step == 5
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(5))
+    assert [s["epoch"] for s in steps] == [0, 0, 0, 1, 1]  # epoch 0 ended at the resume
 
 
 def test_interrupted_preprocess_says_so_is_refused_by_fit_and_continues_to_the_same_store(
