@@ -196,7 +196,7 @@ def test_a_crash_after_a_resume_names_the_step_the_run_resumes_from(tmp_path):
     from callbacks.resumable_checkpoint import ResumableCheckpoint
 
     callback = ResumableCheckpoint(dirpath=str(tmp_path), every_n_train_steps=50)
-    trainer = SimpleNamespace(ckpt_path=str(tmp_path / "last.ckpt"), global_step=8)
+    trainer = SimpleNamespace(ckpt_path=str(tmp_path / "last.ckpt"), global_step=8, is_global_zero=True, loggers=[])
     callback.on_train_start(trainer, None)
     trainer.global_step = 10
     with pytest.warns(UserWarning, match=r"inside step 10; .* `--ckpt_path last` resumes from step 8\."):

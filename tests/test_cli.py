@@ -121,8 +121,10 @@ def test_every_experiment_parses(experiment, monkeypatch, capsys):
     assert "class_path: lightning_modules.echovideo_module.EchoVideoModule" in printed
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs():
-    """`python -m echovideo` is the console script's entry point."""
+    """`python -m echovideo` is the console script's entry point. (Slow: a process of its own,
+    20 s here; the default suite starts every run of tests/test_multiprocess.py this way.)"""
     result = subprocess.run(
         [sys.executable, "-m", "echovideo", "fit", "--config", str(EXPERIMENT), "--print_config"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300,

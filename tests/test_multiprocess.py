@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from datamodules.demo_data import write_demo_dataset
 from module_helpers import tensorboard_scalars
@@ -73,21 +74,23 @@ def test_a_rank_whose_whole_batch_is_unreadable_does_not_stop_a_ddp_run(tiny_rel
 
 
 # The tiny store (9 samples) at batch 2 on 2 ranks with one loader worker each: 2 steps an
-# epoch. Stops at 2 (an epoch end) and 3 (inside an epoch), runs to 5.
+# epoch. Resumes from step 2 (an epoch end) and step 3 (inside an epoch), runs to 5.
 EPOCH_END, MID_EPOCH, LAST_STEP = 2, 3, 5
 
 
 def store_fit(preprocessed, release, run: Path, max_steps: int, *extra, world_size: int = 2,
-              strategy: str = "ddp", resume: bool = False) -> subprocess.CompletedProcess:
+              strategy: str = "ddp", resume: bool | Path = False, config: Path = EXPERIMENT
+              ) -> subprocess.CompletedProcess:
     """`fit` from the tiny feature store, every step's loss and sample ids appended by each
-    rank to run/losses.jsonl."""
+    rank to run/losses.jsonl. `resume`: True for `--ckpt_path last`, or a checkpoint file."""
     _, manifest, store, _ = preprocessed
     overrides = [o for o in store_overrides(release, manifest, store, run) if not o.startswith("--preprocess.")]
+    checkpoint = [] if resume is False else [f"--ckpt_path={'last' if resume is True else resume}"]
     process = launch_ranks(
-        "fit", "--config", EXPERIMENT, *overrides, "--data.init_args.num_workers=1",
+        "fit", "--config", config, *overrides, "--data.init_args.num_workers=1",
         f"--trainer.max_steps={max_steps}", "--trainer.callbacks+=test_exact_resume.LossRecorder",
-        f"--trainer.callbacks.init_args.path={run / 'losses.jsonl'}", *extra,
-        *(["--ckpt_path=last"] if resume else []), world_size=world_size, strategy=strategy)
+        f"--trainer.callbacks.init_args.path={run / 'losses.jsonl'}", *extra, *checkpoint,
+        world_size=world_size, strategy=strategy)
     assert process.returncode == 0, process.stderr[-4000:]
     return process
 
@@ -96,27 +99,39 @@ def recorded_steps(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
 
 
-def test_ddp_run_split_at_an_epoch_end_and_inside_an_epoch_repeats_the_whole_run(
+def test_ddp_run_resumed_at_an_epoch_end_and_inside_an_epoch_repeats_the_whole_run(
         preprocessed, tiny_release, tmp_path):
-    """World size 2: stopped at an epoch end, resumed, stopped inside the next epoch, resumed
-    to the end. Every step sees the same samples and gives the same loss as the run that
-    never stopped, and TensorBoard holds each step once."""
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    store_fit(preprocessed, tiny_release, whole, LAST_STEP)
-    for stop, resume in ((EPOCH_END, False), (MID_EPOCH, True), (LAST_STEP, True)):
-        store_fit(preprocessed, tiny_release, split, stop, resume=resume)
+    """World size 2. The whole run keeps a checkpoint of every step; resumed from the one at
+    the end of epoch 0 and from the one inside epoch 1, each run sees, step for step, the
+    samples of the whole run and gives its losses, and its TensorBoard holds each step it
+    ran once, at that step."""
+    config = yaml.safe_load(EXPERIMENT.read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ResumableCheckpoint"):
+            callback["init_args"] = {"every_n_train_steps": 1, "save_top_k": -1}
+    experiment = tmp_path / "every_step.yaml"
+    experiment.write_text(yaml.safe_dump(config))
 
-    def by_step(run):
-        return sorted((r["step"], r["ids"], r["loss"]) for r in recorded_steps(run))
+    def by_step(run, first=0):
+        return sorted((r["step"], r["ids"], r["loss"]) for r in recorded_steps(run) if r["step"] >= first)
 
-    assert [(s, ids) for s, ids, _ in by_step(split)] == [(s, ids) for s, ids, _ in by_step(whole)]
-    assert [loss for *_, loss in by_step(split)] == pytest.approx([loss for *_, loss in by_step(whole)], rel=1e-5)
-    assert sorted({s for s, _, _ in by_step(whole)}) == list(range(LAST_STEP))
-    for run in (whole, split):
-        logged = tensorboard_scalars(run / "tensorboard")["train/loss"]
-        assert [step for step, _ in logged] == list(range(LAST_STEP)), run.name
-    assert [v for _, v in tensorboard_scalars(split / "tensorboard")["train/loss"]] == pytest.approx(
-        [v for _, v in tensorboard_scalars(whole / "tensorboard")["train/loss"]], rel=1e-5)
+    def logged(run):
+        return tensorboard_scalars(run / "tensorboard")["train/loss"]
+
+    whole = tmp_path / "whole"
+    store_fit(preprocessed, tiny_release, whole, LAST_STEP, config=experiment)
+    assert sorted({step for step, _, _ in by_step(whole)}) == list(range(LAST_STEP))
+    assert [step for step, _ in logged(whole)] == list(range(LAST_STEP))
+    for first in (EPOCH_END, MID_EPOCH):
+        (checkpoint,) = (whole / "checkpoints").glob(f"*-step={first}.ckpt")
+        resumed = tmp_path / f"from_step_{first}"
+        store_fit(preprocessed, tiny_release, resumed, LAST_STEP, config=experiment, resume=checkpoint)
+        assert [(s, ids) for s, ids, _ in by_step(resumed)] == [(s, ids) for s, ids, _ in by_step(whole, first)]
+        assert [loss for *_, loss in by_step(resumed)] == pytest.approx(
+            [loss for *_, loss in by_step(whole, first)], rel=1e-5)
+        assert [step for step, _ in logged(resumed)] == list(range(first, LAST_STEP))
+        assert [value for _, value in logged(resumed)] == pytest.approx(
+            [value for step, value in logged(whole) if step >= first], rel=1e-5)
 
 
 @pytest.mark.slow
