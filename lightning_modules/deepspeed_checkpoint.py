@@ -77,15 +77,17 @@ def convert_to_universal(directory: str) -> str:
     tag = _latest_tag(directory)
     universal = os.path.join(directory, tag + UNIVERSAL_SUFFIX)
     pointer = os.path.join(directory, "latest_universal")
-    if os.path.isdir(universal) and os.path.isfile(pointer) and open(pointer).read().strip() == tag + UNIVERSAL_SUFFIX:
+    if os.path.isdir(universal) and os.path.isfile(pointer) and Path(pointer).read_text().strip() == tag + UNIVERSAL_SUFFIX:
         return universal
     partial = universal + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     # inject_missing_state: Lightning's ZeRO-1/2 checkpoints lack the universal_checkpoint_info
     # DeepSpeed's converter asks for (it carries no data the conversion needs).
+    # DeepSpeed's own worker counts (4 extracting, 2 merging: merging holds whole parameters).
+    cpus = os.cpu_count() or 1
     ds_to_universal.main(Namespace(input_folder=os.path.join(directory, tag), output_folder=partial,
-                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                   strict=True, inject_missing_state=True))
+                                   num_extract_workers=min(4, cpus), num_merge_workers=min(2, cpus),
+                                   keep_temp_folder=False, strict=True, inject_missing_state=True))
     shutil.rmtree(universal, ignore_errors=True)
     os.replace(partial, universal)
     write_text_atomically(Path(pointer), tag + UNIVERSAL_SUFFIX)
@@ -98,7 +100,7 @@ def _latest_tag(directory: str) -> str:
         raise DeepSpeedCheckpointError(
             f"{directory}: no `latest` file, so not a DeepSpeed checkpoint directory; give the directory "
             "a DeepSpeed run wrote (e.g. RUN/checkpoints/last.ckpt)")
-    return open(latest).read().strip()
+    return Path(latest).read_text().strip()
 
 
 class ResumableDeepSpeedStrategy(DeepSpeedStrategy):
