@@ -191,6 +191,15 @@ def test_zero_run_on_two_ranks_resumes_exactly_there_and_on_one_rank(stage, prep
     same_batch = [r["loss"] for r in recorded_steps(whole) if r["step"] == MID_EPOCH and r["ids"] == first["ids"]]
     assert same_batch and first["loss"] == pytest.approx(same_batch[0], rel=1e-4)
 
+    # The 2-rank directory consolidates to a release folder that loads strictly, with what trained.
+    from echovideo.cli import main as echovideo_main
+    from lightning_modules.release_layout import load_transformer
+
+    echovideo_main(["consolidate", str(whole / "checkpoints" / "last.ckpt"), str(tmp_path / "release")])
+    trained, before = load_transformer(tmp_path / "release").state_dict(), load_transformer(tiny_release).state_dict()
+    assert trained.keys() == before.keys()
+    assert any(not torch.equal(trained[name], before[name]) for name in trained)
+
 
 def test_two_preprocess_nodes_at_once_one_killed_and_rerun_write_the_one_node_store(
         preprocessed, tiny_release, tmp_path):
