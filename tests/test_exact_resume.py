@@ -179,6 +179,9 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resumes_there(
     # Saved at the step it stopped at, so no step runs twice.
     assert [json.loads(line)["step"] for line in losses.read_text().splitlines()] == list(range(MAX_STEPS))
     assert _curve(losses) == pytest.approx(golden_curve, rel=1e-4, abs=1e-6)
+    from module_helpers import tensorboard_scalars
+
+    assert [step for step, _ in tensorboard_scalars(run / "tensorboard")["train/loss"]] == list(range(MAX_STEPS))
 
 
 @pytest.mark.parametrize("first_stop", ["epoch_end", "mid_epoch"])
