@@ -6,6 +6,7 @@ fit sees (2 loader workers); a preprocess killed mid-run and re-run must end wit
 store as an unbroken one.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -201,14 +202,25 @@ def test_interrupted_preprocess_says_so_is_refused_by_fit_and_continues_to_the_s
 
 
 def process_group_ends(group: int, within_s: float = 10) -> bool:
+    """No live process of the group is left (a zombie holds nothing but its table entry, and
+    is reaped by whoever inherited it)."""
+    import psutil
+
+    def live():
+        found = []
+        for process in psutil.process_iter(["status"]):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getpgid(process.pid) == group and process.info["status"] != psutil.STATUS_ZOMBIE:
+                    found.append(process)
+        return found
+
     deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return True
+    while live() and time.monotonic() < deadline:
         time.sleep(0.1)
-    return False
+    left = live()
+    for process in left:
+        print("left:", process.pid, process.info["status"], " ".join(process.cmdline()[:6]))
+    return not left
 
 
 def test_store_from_another_manifest_is_refused(preprocessed, tiny_release, tmp_path):
