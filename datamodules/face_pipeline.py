@@ -119,6 +119,17 @@ class FaceCrop:
     detector: str  # "insightface" or "retinaface"
 
 
+@dataclass
+class FrameFaces:
+    """The faces of one video frame, for the quality measures: the largest face's box, detection
+    score and ArcFace embedding, and how many faces are at least `counted_side` of its side."""
+
+    bbox: np.ndarray  # (4,) float32 x1, y1, x2, y2 in frame pixels
+    score: float
+    count: int
+    embedding: np.ndarray  # (512,) float32, raw
+
+
 def _missing_model_error(path: Path, what: str, model_root: Path) -> FileNotFoundError:
     return FileNotFoundError(
         f"{what} not found: {path}. It must be at {path.relative_to(model_root)} under the face model folder "
@@ -291,6 +302,34 @@ class FaceExtractor:
         return cv2.warpAffine(
             bgr, matrix, (self.face_size, self.face_size), borderMode=cv2.BORDER_CONSTANT, borderValue=WARP_BORDER
         )
+
+    def largest_faces(self, frames: list[np.ndarray], counted_side: float = 0.5) -> list[FrameFaces | None]:
+        """Per RGB frame (H x W x 3 uint8), its largest face found by insightface's detector
+        (None where there is none), with the ArcFace embeddings of every frame's largest face
+        computed in one batch. Each embedding is insightface's own (`norm_crop` to 112, then the
+        recogniser), as `FaceAnalysis.get` makes it for a photo. No fallback detector: a frame in
+        which insightface sees no face counts as one without a face."""
+        from insightface.utils import face_align
+
+        self._load_models()
+        detector, recogniser = self._app.det_model, self._app.models["recognition"]
+        found, crops = [], []
+        for rgb in frames:
+            bgr = np.ascontiguousarray(np.asarray(rgb)[:, :, ::-1])
+            boxes, keypoints = detector.detect(bgr, max_num=0, metric="default")
+            if boxes is None or len(boxes) == 0:
+                found.append(None)
+                continue
+            sides = np.sqrt(np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None))
+            largest = int(np.argmax(sides))
+            found.append((boxes[largest], int((sides >= counted_side * sides[largest]).sum())))
+            crops.append(face_align.norm_crop(bgr, landmark=keypoints[largest], image_size=112))
+        embeddings = iter(np.asarray(recogniser.get_feat(crops), dtype=np.float32).reshape(len(crops), -1)
+                          if crops else [])
+        return [None if item is None else
+                FrameFaces(bbox=np.asarray(item[0][:4], dtype=np.float32), score=float(item[0][4]), count=item[1],
+                           embedding=next(embeddings))
+                for item in found]
 
     def extract(self, rgb: np.ndarray) -> FaceCrop:
         """The largest face of an RGB photo (H x W x 3 uint8); SkippedSample(NO_FACE) when there is none.

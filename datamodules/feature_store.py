@@ -8,6 +8,8 @@ epoch, so `echovideo preprocess` does it once and training streams the results. 
       unconditional.safetensors  T5 of the negative prompt and SigLIP of a black face, so
                                  condition dropout needs neither T5 nor SigLIP in training
       report.json                the last preprocess report
+      report.html                the same as a page: counts, a histogram of every quality
+                                 measure with its thresholds, example clips kept and skipped
       <F>x<H>x<W>/node-<r>-of-<n>/  one litdata optimized dataset per bucket and preprocessing
                                  node (index.json and chunk files), readable from local
                                  disk or object storage
@@ -25,6 +27,7 @@ Per sample (one record of a bucket):
 | `text_embeds`   | bfloat16 | 226 x 4096       | T5 last hidden state, all 226 rows           |
 | `face_crop_png` | bytes    |                  | the aligned, parsed face crop as PNG         |
 | `sample_id`, `caption`, `sources` (JSON: path, size, mtime of each source file) |
+| `quality`       | str      |                  | JSON of the quality measures (datamodules/quality.py), `null` when not made |
 
 bfloat16 tensors are stored as their 16-bit patterns (int16): litdata serialises tensors
 through numpy, which has no bfloat16; `record_to_sample` views them back, bit-exact.
@@ -63,6 +66,7 @@ STORE_FORMAT = 1
 STORE_META = "store.json"
 UNCONDITIONAL_FILE = "unconditional.safetensors"
 REPORT_FILE = "report.json"
+REPORT_PAGE = "report.html"
 WORK_DIR = ".preprocess"
 ALL_NODES = "all-nodes"  # per bucket: one index over every node's chunks (see merge_node_shards)
 
@@ -70,6 +74,7 @@ STORED_TENSORS = (keys.LATENT_MEAN, keys.LATENT_STD, keys.FACE_LATENT, keys.SIGL
                   keys.TEXT_EMBEDS)
 FACE_CROP_PNG = "face_crop_png"
 SOURCES = "sources"
+QUALITY = "quality"
 
 
 class FeatureStoreError(EchoVideoError, ValueError):
@@ -170,14 +175,19 @@ def read_store_meta(store: str | Path) -> dict:
     return meta
 
 
-def record_to_sample(record: dict, verify_sources: bool) -> dict | Skipped:
+def record_to_sample(record: dict, verify_sources: bool, filters=None) -> dict | Skipped:
     """A store record as a sample of the batch contract (datamodules/batch.py).
 
     With `verify_sources`, a record whose source video or photo changed (or vanished)
     since preprocessing is skipped as `source_changed`: its features would no longer
-    describe the file a user sees.
+    describe the file a user sees. With `filters` (datamodules.quality.QualityFilters), a
+    record whose stored measures fail a threshold is skipped with that threshold's reason.
     """
     sample_id = record[keys.SAMPLE_ID]
+    if filters is not None:
+        reason = filters.reason(json.loads(record.get(QUALITY) or "null") or {})
+        if reason is not None:
+            return Skipped(reason, sample_id)
     if verify_sources:
         for path, size, mtime_ns in json.loads(record[SOURCES]):
             try:
@@ -221,19 +231,22 @@ def _streaming_dataset_class():
     class FeatureStoreDataset(StreamingDataset):
         """One bucket of a store, streamed; yields samples of the batch contract or `Skipped`."""
 
-        def __init__(self, bucket_dir: str, verify_sources: bool = True, **kwargs):
+        def __init__(self, bucket_dir: str, verify_sources: bool = True, filters=None, **kwargs):
             super().__init__(bucket_dir, **kwargs)
             self.verify_sources = verify_sources
+            self.filters = filters
 
         def __getitem__(self, index):
-            return record_to_sample(super().__getitem__(index), self.verify_sources)
+            return record_to_sample(super().__getitem__(index), self.verify_sources, self.filters)
 
     return FeatureStoreDataset
 
 
 def open_store_dataset(store: str | Path, shuffle: bool, seed: int, verify_sources: bool = True,
-                       drop_last: bool | None = None):
+                       drop_last: bool | None = None, filters=None):
     """A streaming dataset over every bucket of `store`: one stream per bucket and node shard.
+    `filters` (datamodules.quality.QualityFilters) skips the samples whose measures fail them;
+    a store made without measures is refused then (see `check_store_measured`).
 
     Several streams are combined with litdata's per-stream batching, so one batch always
     comes from one stream (one shape) while the streams interleave over the epoch. litdata
@@ -243,19 +256,37 @@ def open_store_dataset(store: str | Path, shuffle: bool, seed: int, verify_sourc
 
     store = Path(store)
     meta = read_store_meta(store)
+    if filters is not None:
+        check_store_measured(store, meta)
     dataset_class = _streaming_dataset_class()
     streams = []
     for bucket_dir in (folder for name in meta["buckets"] for folder in _bucket_streams(store / name, meta["num_nodes"])):
         if not (bucket_dir / "index.json").is_file():
             continue  # a bucket no sample landed in
         check_fields_are_data(bucket_dir / "index.json")
-        streams.append(dataset_class(str(bucket_dir), verify_sources=verify_sources, shuffle=shuffle,
-                                     seed=seed, drop_last=drop_last))
+        streams.append(dataset_class(str(bucket_dir), verify_sources=verify_sources, filters=filters,
+                                     shuffle=shuffle, seed=seed, drop_last=drop_last))
     if not streams:
         raise FeatureStoreError(f"{store}: the store holds no samples; see {store / REPORT_FILE} for why")
     if len(streams) == 1:
         return streams[0]
     return CombinedStreamingDataset(streams, seed=seed, iterate_over_all=True, batching_method="per_stream")
+
+
+def check_store_measured(store: Path, meta: dict) -> None:
+    """Filters need the measures: refuse a store made without them (before they existed, or
+    with `--preprocess.measures false`) or with another version of them."""
+    from datamodules.quality import MEASURES_VERSION
+
+    made = meta.get("measures")
+    if made == MEASURES_VERSION:
+        return
+    what = ("holds no quality measures" if made is None else
+            f"holds quality measures of version {made!r}, this kit reads version {MEASURES_VERSION}")
+    raise FeatureStoreError(
+        f"{Path(store) / STORE_META}: the store {what}, so data.filters cannot be applied.\nFix: re-run "
+        "`echovideo preprocess --config <experiment>.yaml` into a new `data.feature_store`, or train "
+        "unfiltered with `--data.init_args.filters null`.")
 
 
 def _bucket_streams(bucket: Path, num_nodes: int) -> list[Path]:

@@ -28,6 +28,7 @@ captions cut to the text encoder's limit.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -48,6 +49,8 @@ from safetensors.torch import save_file
 from datamodules import batch as keys
 from datamodules.feature_store import (
     FACE_CROP_PNG,
+    QUALITY,
+    REPORT_PAGE,
     REPORT_FILE,
     SOURCES,
     STORE_FORMAT,
@@ -65,6 +68,7 @@ from datamodules.feature_store import (
 )
 from datamodules.files import file_sha256, write_text_atomically
 from datamodules.manifest import ManifestEntry, check_manifest
+from datamodules.quality import FILTERS, MEASURES_VERSION, QualityFilters, fails, measure_sample
 from datamodules.skip_reasons import EMPTY_CAPTION, SKIP_REASONS, UNREADABLE_VIDEO, VIDEO_TOO_SHORT, SkippedSample
 from datamodules.video_dataset import (
     SampleReadError,
@@ -106,6 +110,10 @@ class PreprocessReport:
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_samples: list[dict] = field(default_factory=list)
     captions_truncated: int = 0
+    kept: dict[str, int] = field(default_factory=dict)
+    filters: dict | None = None
+    would_keep: dict[str, int] = field(default_factory=dict)
+    measured: bool = True
     face_parsing: bool | None = None
     face_pipeline: str = ""
     encoders: dict = field(default_factory=dict)
@@ -118,11 +126,22 @@ class PreprocessReport:
                  f"{self.parts_done}/{self.parts_total} parts)",
                  f"  manifest:            {self.manifest} ({self.samples_in_manifest} samples)"]
         for bucket, count in sorted(self.written.items()):
-            lines.append(f"  written {bucket:>12}: {count}")
+            kept = f", kept {self.kept[bucket]} by the filters" if self.filters is not None and bucket in self.kept else ""
+            lines.append(f"  written {bucket:>12}: {count}{kept}")
         lines.append(f"  skipped:             {sum(self.skipped.values())}")
         for reason, count in sorted(self.skipped.items()):
             lines.append(f"    {reason:<22} {count}")
         lines.append(f"  captions truncated:  {self.captions_truncated} (cut to the text encoder's limit)")
+        if self.filters is None:
+            lines.append("  filters:             none (data.filters: null)" if self.measured else
+                         "  filters:             none (no measures: --preprocess.measures false)")
+        else:
+            stored = sum(self.written.values())
+            lines.append(f"  filters (each alone keeps / of {stored} stored):")
+            for setting, threshold in self.filters.items():
+                if threshold is not None:
+                    lines.append(f"    {setting:<22} {threshold!s:>8}  keeps {self.would_keep.get(setting, stored)}")
+        lines.append(f"  report page:         {Path(self.store) / REPORT_PAGE}")
         lines.append(f"  face pipeline:       {self.face_pipeline}")
         parsing = {True: "on", False: "OFF (no parsing weights found)", None: "not used"}[self.face_parsing]
         lines.append(f"  face parsing:        {parsing}")
@@ -143,9 +162,10 @@ class EncodeSample:
     """
 
     def __init__(self, entries: list[ManifestEntry], bucket: Bucket, settings: StoreSettings,
-                 encoders: EncoderSpec, store: Path, log_dir: Path):
+                 encoders: EncoderSpec, store: Path, log_dir: Path, measure: bool = True):
         self.entries, self.bucket, self.settings, self.encoder_spec = entries, bucket, settings, encoders
         self.store = store
+        self.measure = measure
         self.log_dir = log_dir
         self._encoders = None
         self._extractor = None
@@ -159,13 +179,15 @@ class EncodeSample:
     def __call__(self, index: int, device: str | None = None) -> dict | None:
         entry = self.entries[index]
         self._load(device)
+        where = {"sample_id": entry.sample_id, "line": entry.line, "bucket": self.bucket.name,
+                 "video": str(entry.video), "face_image": None if entry.face_image is None else str(entry.face_image)}
         try:
-            record, truncated = self._encode(entry)
+            record, truncated, window, measures = self._encode(entry)
         except SkippedSample as skipped:
-            self._write_log({"sample_id": entry.sample_id, "line": entry.line, "status": "skipped",
-                             "reason": skipped.reason, "detail": skipped.detail})
+            self._write_log({**where, "status": "skipped", "reason": skipped.reason, "detail": skipped.detail})
             return None
-        self._write_log({"sample_id": entry.sample_id, "status": "written", "caption_truncated": truncated})
+        self._write_log({**where, "status": "written", "caption_truncated": truncated, "window": window,
+                         "measures": measures})
         return record
 
     # ------------------------------------------------------------------ workers
@@ -215,14 +237,15 @@ class EncodeSample:
         self._log.write(json.dumps(line, ensure_ascii=False) + "\n")
         self._log.flush()
 
-    def _encode(self, entry: ManifestEntry) -> tuple[dict, bool]:
+    def _encode(self, entry: ManifestEntry) -> tuple[dict, bool, list[int], dict | None]:
+        """(store record, caption cut?, window [start, stride, frames], quality measures or None)."""
         settings, bucket, encoders = self.settings, self.bucket, self._encoders
         if not entry.caption.strip():
             raise SkippedSample(EMPTY_CAPTION, f"{entry.sample_id}: empty caption")
         generator = torch.Generator().manual_seed(stable_seed(settings.seed, entry.sample_id, "window"))
         reference_frame = None if entry.face_image is not None else settings.reference_frame
-        frames, reference = decode_clip(entry.video, bucket.num_frames, settings.frame_stride,
-                                        generator=generator, reference_frame=reference_frame)
+        frames, reference, start = decode_clip(entry.video, bucket.num_frames, settings.frame_stride,
+                                               generator=generator, reference_frame=reference_frame)
         video = frames.permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
         video = resize_and_center_crop(video, bucket.height, bucket.width).permute(1, 0, 2, 3).unsqueeze(0)
 
@@ -231,7 +254,10 @@ class EncodeSample:
         mean, std = encoders.encode_video_posterior(video)
         if arcface is None:
             arcface = encoders.encode_identity(face)[0]
-        truncated = encoders.truncated_caption_count([entry.caption]) > 0
+        (caption_tokens,) = encoders.caption_token_counts([entry.caption])
+        truncated = caption_tokens > encoders.max_text_seq_length
+        measures = measure_sample(frames.numpy(), arcface if self._extractor is not None else None,
+                                  caption_tokens, self._extractor) if self.measure else None
         sources = [entry.video] + ([entry.face_image] if entry.face_image is not None else [])
         record = {
             keys.SAMPLE_ID: entry.sample_id,
@@ -244,8 +270,9 @@ class EncodeSample:
             keys.ARCFACE: torch.as_tensor(arcface, dtype=torch.float32).cpu().contiguous(),
             keys.TEXT_EMBEDS: _stored(encoders.encode_text([entry.caption])[0]),
             FACE_CROP_PNG: encode_png(crop),
+            QUALITY: json.dumps(measures),
         }
-        return record, truncated
+        return record, truncated, [start, settings.frame_stride, bucket.num_frames], measures
 
 
 def _stored(tensor: torch.Tensor) -> torch.Tensor:
@@ -324,6 +351,8 @@ def preprocess(
     overwrite: bool = False,
     num_nodes: int = 1,
     node_rank: int = 0,
+    filters: QualityFilters | None = QualityFilters(),
+    measure: bool = True,
 ) -> PreprocessReport:
     """Encode every usable sample of `manifest` into `store`; return (and write) the report.
 
@@ -332,6 +361,10 @@ def preprocess(
     With `num_nodes` > 1, every node runs this with its own `node_rank` on shared storage:
     node r encodes the valid samples r, r + num_nodes, ... into its own shard of each
     bucket, and the last node to finish writes the complete report.
+
+    `measure` makes each sample's quality measures (datamodules/quality.py), stored with it;
+    `filters` decides which stored samples the report counts as kept (training applies its
+    own `data.filters` again). The report is written as `report.json` and `report.html`.
     """
     from litdata import optimize
 
@@ -354,7 +387,7 @@ def preprocess(
     work = store / WORK_DIR / shard
     meta = _prepare_store(store, work, settings, encoders, num_nodes, _plan_digest(settings, parts), overwrite,
                           parts_total=sum(len(p) for p in parts.values()), manifest=manifest,
-                          lines=_line_fingerprints(entries))
+                          lines=_line_fingerprints(entries), measure=measure)
     report.encoders = meta["encoders"]
     report.face_pipeline = "insightface antelopev2 + facexlib" if encoders.face_models else \
         "none: face images are used as aligned crops, identity from the model's identity encoder"
@@ -375,17 +408,73 @@ def preprocess(
                 summary_path = work / "parts" / name / f"part-{part_index:05d}.json"
                 if not summary_path.is_file():
                     _run_part(optimize, part, bucket, store, store / name / shard, summary_path, settings,
-                              encoders, num_workers, chunk_bytes)
+                              encoders, num_workers, chunk_bytes, measure)
                 done_clips += len(part)
                 report.parts_done += 1
                 _print_overall_progress(report, done_clips, todo_clips, started)
     _fill_report_from_parts(report, work, parts)
     report.complete = report.parts_done == report.parts_total
     write_text_atomically(work / REPORT_FILE, json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
-    return _write_merged_report(store, num_nodes)
+    return _write_merged_report(store, num_nodes, filters)
 
 
-def _write_merged_report(store: Path, num_nodes: int) -> PreprocessReport:
+def rebuild_report(store: str | Path, filters: QualityFilters | None) -> PreprocessReport:
+    """`echovideo preprocess --report-only`: the report of a store (finished or not) with these
+    thresholds, from the measures its preprocessing logged; nothing is encoded or loaded."""
+    store = Path(store).absolute()
+    meta = read_store_meta_unchecked(store)
+    if not (store / WORK_DIR).is_dir() or not any((store / WORK_DIR).glob(f"*/{REPORT_FILE}")):
+        raise FeatureStoreError(f"{store / WORK_DIR}: no preprocess run has finished on this store yet, so there "
+                                "is nothing to report; run `echovideo preprocess --config <experiment>.yaml` first")
+    return _write_merged_report(store, meta.get("num_nodes", 1), filters)
+
+
+def read_store_meta_unchecked(store: Path) -> dict:
+    """store.json of a store, finished or not; a clear error when the folder is not a store."""
+    meta_path = store / STORE_META
+    if not meta_path.is_file():
+        raise FeatureStoreError(f"{meta_path}: not found; --report-only reads a store written by `echovideo "
+                                "preprocess` (check data.feature_store)")
+    return json.loads(meta_path.read_text(encoding="utf-8"))
+
+
+def stored_samples(store: Path) -> list[dict]:
+    """Every sample written to the store, with its window and measures, from the logs of every
+    finished part of every node, in manifest order."""
+    samples = []
+    for path in sorted((store / WORK_DIR).glob("*/parts/*/part-*.json")):
+        samples += json.loads(path.read_text(encoding="utf-8")).get("samples", [])
+    return sorted(samples, key=lambda sample: (sample.get("line") or 0, sample["sample_id"]))
+
+
+def apply_filters(report: PreprocessReport, samples: list[dict], filters: QualityFilters | None,
+                  measured: bool) -> None:
+    """Count `samples` (the stored ones) against `filters`: kept per bucket, each threshold's keep
+    count alone, and the dropped ones as skipped with their reason. Sets each sample's `reason`."""
+    report.measured = measured
+    report.filters = filters.thresholds() if filters is not None and measured else None
+    kept = Counter()
+    for sample in samples:
+        measures = sample.get("measures") or {}
+        sample["reason"] = filters.reason(measures) if report.filters is not None else None
+        if sample["reason"] is None:
+            kept[sample["bucket"]] += 1
+            continue
+        failed = [f"{item.measure} {measures[item.measure]:.4g} {'<' if item.bound == 'min' else '>'} "
+                  f"data.filters.{item.setting} {getattr(filters, item.setting)}"
+                  for item in FILTERS if fails(item, getattr(filters, item.setting), measures)]
+        report.skipped_samples.append({key: sample.get(key) for key in
+                                       ("sample_id", "line", "bucket", "video", "face_image", "window")}
+                                      | {"reason": sample["reason"], "detail": "; ".join(failed), "in_store": True})
+    report.kept = {bucket: kept[bucket] for bucket in report.written}
+    report.would_keep = {} if report.filters is None else {
+        item.setting: sum(not fails(item, getattr(filters, item.setting), s.get("measures") or {}) for s in samples)
+        for item in FILTERS if getattr(filters, item.setting) is not None}
+    counts = Counter(s["reason"] for s in report.skipped_samples)
+    report.skipped = {reason: counts[reason] for reason in SKIP_REASONS if counts[reason]}
+
+
+def _write_merged_report(store: Path, num_nodes: int, filters: QualityFilters | None) -> PreprocessReport:
     """Write the report over every node, as it stands once this node has finished.
 
     Nodes finishing together each merge and write; a node that merged before another's
@@ -394,15 +483,22 @@ def _write_merged_report(store: Path, num_nodes: int) -> PreprocessReport:
     the merge of every node's final report, with no lock (none holds across nodes on every
     shared file system).
     """
+    from datamodules.report_page import write_report_page
+
+    meta = json.loads((store / STORE_META).read_text(encoding="utf-8"))
     while True:
         merged = _merge_node_reports(store, num_nodes)
         if merged.complete and sum(merged.written.values()) and not (store / UNCONDITIONAL_FILE).is_file():
             raise FeatureStoreError(f"{store / UNCONDITIONAL_FILE}: not written by the workers")
         if merged.complete:  # before the report says so: a complete store is read one way on every rank
-            merge_node_shards(store, json.loads((store / STORE_META).read_text(encoding="utf-8"))["buckets"], num_nodes)
-        write_text_atomically(store / REPORT_FILE, json.dumps(asdict(merged), indent=2, ensure_ascii=False) + "\n")
+            merge_node_shards(store, meta["buckets"], num_nodes)
+        report, samples = copy.deepcopy(merged), stored_samples(store)
+        apply_filters(report, samples, filters, measured=meta.get("measures") == MEASURES_VERSION)
+        write_text_atomically(store / REPORT_FILE, json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
         if _merge_node_reports(store, num_nodes) == merged:
-            return merged
+            break
+    write_report_page(store / REPORT_PAGE, asdict(report), samples, filters if report.filters is not None else None)
+    return report
 
 
 def _kill_descendants(grace_s: float = 2.0) -> None:
@@ -506,7 +602,7 @@ def _first_changed_line(recorded: list[list] | None, lines: list[list], manifest
 
 def _prepare_store(store: Path, work: Path, settings: StoreSettings, encoders: EncoderSpec, num_nodes: int,
                    digest: str, overwrite: bool, parts_total: int, manifest: Path,
-                   lines: list[list] | None = None) -> dict:
+                   lines: list[list] | None = None, measure: bool = True) -> dict:
     """Check that `store` may be (re)started with these settings; write store.json; return it."""
     if overwrite and store.exists():
         if num_nodes > 1:
@@ -515,6 +611,7 @@ def _prepare_store(store: Path, work: Path, settings: StoreSettings, encoders: E
                 "the others write; delete the folder once, then start every node without --overwrite")
         shutil.rmtree(store)
     meta = _store_meta(settings, encoders, num_nodes, manifest)
+    meta["measures"] = MEASURES_VERSION if measure else None
     meta_path = store / STORE_META
     if store.exists() and any(store.iterdir()):
         if not meta_path.is_file():
@@ -522,7 +619,7 @@ def _prepare_store(store: Path, work: Path, settings: StoreSettings, encoders: E
                 f"{store}: exists and is not a feature store; choose an empty folder for "
                 "`data.feature_store` or pass --preprocess.overwrite true")
         previous = json.loads(meta_path.read_text(encoding="utf-8"))
-        for key in ("settings", "num_nodes"):
+        for key in ("settings", "num_nodes", "measures"):
             if previous.get(key) != meta[key]:
                 raise FeatureStoreError(
                     f"{meta_path}: field '{key}' is {previous.get(key)!r}, this run has {meta[key]!r}; "
@@ -564,11 +661,11 @@ def _merge_node_reports(store: Path, num_nodes: int) -> PreprocessReport:
 
 
 def _run_part(optimize, part, bucket, store: Path, bucket_dir: Path, summary_path: Path, settings, encoders,
-              num_workers: int, chunk_bytes: str) -> None:
+              num_workers: int, chunk_bytes: str, measure: bool) -> None:
     log_dir = summary_path.with_suffix("")
     shutil.rmtree(log_dir, ignore_errors=True)  # a part cut short is redone from its start
     _remove_unlisted_chunks(bucket_dir)
-    function = EncodeSample(part, bucket, settings, encoders, store, log_dir)
+    function = EncodeSample(part, bucket, settings, encoders, store, log_dir, measure)
     append = (bucket_dir / "index.json").is_file()
     with _litdata_chatter_dropped():
         _optimize_part(optimize, function, part, bucket_dir, chunk_bytes, num_workers, append)
@@ -670,6 +767,10 @@ def _summarise_logs(log_dir: Path) -> dict:
         "written": len(written),
         "captions_truncated": sum(bool(r.get("caption_truncated")) for r in written),
         "skipped": [r for r in latest.values() if r["status"] == "skipped"],
+        # What the report needs of each stored sample; measures stay here, so that new
+        # thresholds can be counted (--report-only) without reading the store's chunks.
+        "samples": [{key: r.get(key) for key in ("sample_id", "line", "bucket", "video", "face_image", "window",
+                                                  "measures")} for r in written],
     }
 
 

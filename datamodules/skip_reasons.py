@@ -17,6 +17,19 @@ UNREADABLE_IMAGE = "unreadable_image"
 NO_FACE = "no_face"
 EMPTY_CAPTION = "empty_caption"
 SOURCE_CHANGED = "source_changed"
+# Quality filters (datamodules/quality.py): the sample decodes, but its measures fail a threshold.
+FACE_MISSING = "face_missing"
+FACE_TOO_SMALL = "face_too_small"
+FACE_UNCERTAIN = "face_uncertain"
+SEVERAL_FACES = "several_faces"
+IDENTITY_MISMATCH = "identity_mismatch"
+FACE_BLURRED = "face_blurred"
+FACE_TOO_DARK = "face_too_dark"
+FACE_TOO_BRIGHT = "face_too_bright"
+SCENE_CUT = "scene_cut"
+STATIC = "static"
+CAPTION_TOO_SHORT = "caption_too_short"
+CAPTION_TOO_LONG = "caption_too_long"
 
 SKIP_REASONS = (
     INVALID_MANIFEST_LINE,
@@ -26,6 +39,18 @@ SKIP_REASONS = (
     NO_FACE,
     EMPTY_CAPTION,
     SOURCE_CHANGED,
+    FACE_MISSING,
+    FACE_TOO_SMALL,
+    FACE_UNCERTAIN,
+    SEVERAL_FACES,
+    IDENTITY_MISMATCH,
+    FACE_BLURRED,
+    FACE_TOO_DARK,
+    FACE_TOO_BRIGHT,
+    SCENE_CUT,
+    STATIC,
+    CAPTION_TOO_SHORT,
+    CAPTION_TOO_LONG,
 )
 
 

@@ -18,8 +18,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.feature_store import Bucket, load_unconditional, open_store_dataset, read_store_meta, store_loader
+from datamodules.feature_store import (
+    Bucket,
+    check_store_measured,
+    load_unconditional,
+    open_store_dataset,
+    read_store_meta,
+    store_loader,
+)
 from datamodules.manifest import ManifestEntry, ManifestError, ManifestProblem, check_manifest
+from datamodules.quality import QualityFilters, filters_from
 from datamodules.video_dataset import REFERENCE_FRAMES, VideoFaceDataset, collate_skipping_unreadable
 from datamodules.errors import ExperimentError
 from lightning_modules.sampling import video_size_problems
@@ -55,6 +63,11 @@ class VideoFaceDataModule(L.LightningDataModule):
         skip_invalid_lines: Train on the valid lines of a manifest with bad ones, instead of
             refusing to start (the bad lines are listed either way).
         verify_sources: Skip store samples whose source file changed since preprocessing.
+        filters: Thresholds on the quality measures `echovideo preprocess` stores with every
+            sample (`datamodules.quality.QualityFilters`, each documented there); a sample that
+            fails one is skipped in training, counted as `data/skipped/<reason>`, and counted
+            per reason in the store's report. `null` trains on every stored sample. Applies to
+            feature stores (a manifest read on the fly has no measures).
         repeat: One epoch walks a manifest's training set this many times; keeps per-epoch
             overhead low on tiny datasets.
     """
@@ -78,6 +91,7 @@ class VideoFaceDataModule(L.LightningDataModule):
         reference_frame: str = "outside_window",
         skip_invalid_lines: bool = False,
         verify_sources: bool = True,
+        filters: QualityFilters | None = QualityFilters(),
         repeat: int = 1,
     ):
         super().__init__()
@@ -106,6 +120,7 @@ class VideoFaceDataModule(L.LightningDataModule):
         self.reference_frame = reference_frame
         self.skip_invalid_lines = skip_invalid_lines
         self.verify_sources = verify_sources
+        self.filters = filters_from(filters)
         if repeat < 1:
             raise ExperimentError(f"data.repeat must be >= 1, got {repeat}")
         self.repeat = repeat
@@ -123,7 +138,9 @@ class VideoFaceDataModule(L.LightningDataModule):
             train, val = self._read_manifests(
                 [(from_manifest, True), (self.val_manifest, True)])
             if self.feature_store is not None:
-                read_store_meta(self.feature_store)  # a clear error before any worker starts
+                meta = read_store_meta(self.feature_store)  # a clear error before any worker starts
+                if self.filters is not None:
+                    check_store_measured(Path(self.feature_store), meta)
                 self.train_dataset = None
             else:
                 dataset = self._dataset(train, random_start=True)
@@ -158,7 +175,7 @@ class VideoFaceDataModule(L.LightningDataModule):
         epoch (per worker), which Lightning stores in every checkpoint and hands back on
         resume, so the run continues at the next unseen sample."""
         dataset = open_store_dataset(self.feature_store, shuffle=True, seed=self.seed,
-                                     verify_sources=self.verify_sources)
+                                     verify_sources=self.verify_sources, filters=self.filters)
         return store_loader(dataset, self.batch_size, self.num_workers, collate_skipping_unreadable,
                             report=self._report_resume)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import av
 import numpy as np
@@ -50,6 +51,12 @@ class UnreadableSampleWarning(UserWarning):
     """Emitted once per file when a sample is skipped; filter on this to silence it."""
 
 
+class DecodedClip(NamedTuple):
+    frames: torch.Tensor  # F x H x W x 3 uint8 RGB: frames start_frame, + stride, ...
+    reference: np.ndarray | None  # the reference frame asked for, H x W x 3 uint8 RGB
+    start_frame: int
+
+
 def decode_clip(
     path: str | Path,
     num_frames: int,
@@ -57,9 +64,9 @@ def decode_clip(
     start_frame: int | None = None,
     generator: torch.Generator | None = None,
     reference_frame: str | None = None,
-) -> tuple[torch.Tensor, np.ndarray | None]:
+) -> DecodedClip:
     """Decode frames start, start + stride, ... (num_frames of them) as F x H x W x 3 uint8,
-    and optionally one more frame to take a reference face from.
+    and optionally one more frame to take a reference face from; with the start used.
 
     `start_frame=None` draws a start uniformly from every start that fits, using
     `generator` (the global torch RNG when None). Decoding stops at the last frame needed.
@@ -101,7 +108,7 @@ def decode_clip(
         raise VideoTooShortError(
             f"{path} ended before frame {wanted[len(frames)]}; {num_frames} frames at stride "
             f"{frame_stride} from frame {start_frame} need {start_frame + span} frames")
-    return torch.from_numpy(np.stack(frames)), reference
+    return DecodedClip(torch.from_numpy(np.stack(frames)), reference, start_frame)
 
 
 def _reference_index(reference_frame: str | None, window: range, total: int | None) -> int | None:
@@ -299,12 +306,12 @@ class VideoFaceDataset(torch.utils.data.Dataset):
         line has no face image."""
         reference_frame = self.reference_frame if entry.face_image is None else None
         if self.random_start:
-            frames, reference = decode_clip(entry.video, self.num_frames, self.frame_stride,
-                                            generator=self.start_frame_generator(index),
-                                            reference_frame=reference_frame)
+            frames, reference, _ = decode_clip(entry.video, self.num_frames, self.frame_stride,
+                                               generator=self.start_frame_generator(index),
+                                               reference_frame=reference_frame)
         else:
-            frames, reference = decode_clip(entry.video, self.num_frames, self.frame_stride, start_frame=0,
-                                            reference_frame=reference_frame)
+            frames, reference, _ = decode_clip(entry.video, self.num_frames, self.frame_stride, start_frame=0,
+                                               reference_frame=reference_frame)
         frames = frames.permute(0, 3, 1, 2).float().div_(127.5).sub_(1)
         video = resize_and_center_crop(frames, self.height, self.width).permute(1, 0, 2, 3).contiguous()
         return video, reference

@@ -299,6 +299,12 @@ class PreprocessCLI(EchoVideoCLI):
                             help="machines sharing the work (default: $SLURM_NNODES, else 1)")
         parser.add_argument("--preprocess.node_rank", type=int, default=None,
                             help="this machine's index (default: $SLURM_NODEID, else 0)")
+        parser.add_argument("--preprocess.measures", type=bool, default=True,
+                            help="make each sample's quality measures, which data.filters reads (false: "
+                                 "none, and fit then needs data.filters null)")
+        parser.add_argument("--preprocess.report_only", type=bool, default=False,
+                            help="encode nothing: rebuild <store>/report.json and report.html from the "
+                                 "stored measures with this experiment's data.filters")
 
     def instantiate_trainer(self, **kwargs):
         return None
@@ -313,6 +319,14 @@ class PreprocessCLI(EchoVideoCLI):
 
         data, model = self.datamodule, self.model
         options = self.config["preprocess"]
+        if options.report_only:
+            from datamodules.preprocess import rebuild_report
+
+            if data.feature_store is None:
+                raise ExperimentError("preprocess --preprocess.report_only true needs data.feature_store")
+            report = rebuild_report(data.feature_store, data.filters)
+            print(report.summary())
+            return report
         if data.feature_store is None or data.train_manifest is None:
             raise ExperimentError("preprocess needs data.train_manifest (in) and data.feature_store (out); "
                              "set both in the experiment or with --data.init_args.<key>")
@@ -332,6 +346,8 @@ class PreprocessCLI(EchoVideoCLI):
             overwrite=options.overwrite,
             num_nodes=options.num_nodes or int(os.environ.get("SLURM_NNODES", 1)),
             node_rank=options.node_rank if options.node_rank is not None else int(os.environ.get("SLURM_NODEID", 0)),
+            filters=data.filters,
+            measure=options.measures,
         )
         print(report.summary())
         return report

@@ -218,10 +218,13 @@ class FrozenEncoders(nn.Module):
         """
         return draw_latents(*self.encode_video_posterior(video), generator)
 
+    def caption_token_counts(self, captions: list[str]) -> list[int]:
+        """Each caption's length in the text encoder's tokens, the end token included, uncut."""
+        return [len(ids) for ids in self.tokenizer(list(captions), add_special_tokens=True).input_ids]
+
     def truncated_caption_count(self, captions: list[str]) -> int:
         """How many captions are longer than the text encoder's token limit (and get cut)."""
-        lengths = [len(ids) for ids in self.tokenizer(list(captions), add_special_tokens=True).input_ids]
-        return sum(length > self.max_text_seq_length for length in lengths)
+        return sum(length > self.max_text_seq_length for length in self.caption_token_counts(captions))
 
     @torch.no_grad()
     def encode_face_latent(

@@ -91,7 +91,7 @@ def test_too_short_video_raises(files):
 
 def test_reference_frame_inside_or_outside_the_window(files):
     def reference(start, num_frames, where, stride=3):
-        frames, frame = decode_clip(files["video"], num_frames, stride, start_frame=start, reference_frame=where)
+        frames, frame, _ = decode_clip(files["video"], num_frames, stride, start_frame=start, reference_frame=where)
         assert len(frames) == num_frames
         return frame_indices(frame[None])[0]
 
