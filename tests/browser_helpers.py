@@ -57,6 +57,18 @@ def chromium_or_skip() -> str:
     return binary
 
 
+def report_counts(report: dict) -> dict[str, str]:
+    """Every count of report.json under its data-count key, as the page shows it."""
+    counts = {"samples_in_manifest": report["samples_in_manifest"],
+              "captions_truncated": report["captions_truncated"],
+              "total/written": sum(report["written"].values()),
+              "total/kept": sum(report["kept"].values()),
+              "total/skipped": sum(report["skipped"].values())}
+    for group in ("written", "kept", "skipped", "would_keep"):
+        counts.update({f"{group}/{key}": value for key, value in report[group].items()})
+    return {key: str(value) for key, value in counts.items()}
+
+
 def open_in_chromium(html_path: Path, screenshot: Path | None = None) -> dict:
     """What headless Chromium saw of the page at `html_path`: its images (loaded, natural
     width and height, in page order) and its `data-count` cells (key: text). With

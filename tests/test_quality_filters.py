@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from browser_helpers import open_in_chromium, report_counts
 from datamodules import batch as keys
 from datamodules.errors import ExperimentError
 from datamodules.feature_store import REPORT_FILE, REPORT_PAGE, FeatureStoreError, check_store_measured, \
@@ -132,6 +133,22 @@ def test_each_filter_drops_its_clip_with_its_reason_and_the_clean_clip_passes(fi
     # Each threshold alone: min_motion keeps all but the still clip; max_faces all but two.
     assert on_disk["would_keep"]["min_motion"] == 6 and on_disk["would_keep"]["max_faces"] == 6
     assert (store / REPORT_PAGE).is_file()
+
+
+def test_the_report_page_renders_in_a_browser_with_the_report_counts(filtered, tmp_path):
+    """report.html of the real run: every image loads in headless Chromium and every count
+    it shows is report.json's; the examples show each reason's clip."""
+    _, _, store, _ = filtered
+    report = json.loads((store / REPORT_FILE).read_text())
+    seen = open_in_chromium(store / REPORT_PAGE, screenshot=tmp_path / "report.png")
+    assert len(seen["images"]) >= len(MEASURE_NAMES) + 7  # a histogram per measure, a row per clip
+    assert all(image["loaded"] and image["width"] > 0 for image in seen["images"])
+    assert seen["counts"] == report_counts(report)
+    # Each clip is an example in its reason's section (the clean one among the kept).
+    page = (store / REPORT_PAGE).read_text(encoding="utf-8")
+    sections = {part.split('"', 1)[0]: part for part in page.split('<h3 id="examples-')[1:]}
+    for name, reason in EXPECTED_REASONS.items():
+        assert name in sections[reason or "kept"], (name, reason)
 
 
 def test_the_measures_are_stored_with_each_sample(filtered):

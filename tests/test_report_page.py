@@ -16,7 +16,7 @@ from PIL import Image
 from datamodules.quality import FILTERS, MEASURE_NAMES, QualityFilters, fails
 from datamodules.report_page import TILE_GAP, TILE_HEIGHT, write_report_page
 from datamodules.video_io import write_mp4
-from browser_helpers import open_in_chromium
+from browser_helpers import open_in_chromium, report_counts
 
 ESCAPED_ID = "<b>odd & id</b>"
 
@@ -163,18 +163,6 @@ def page_parts(page: Path) -> PageParts:
     return parts
 
 
-def expected_counts(report: dict) -> dict[str, str]:
-    """Every count of report.json under its data-count key, as the page shows it."""
-    counts = {"samples_in_manifest": report["samples_in_manifest"],
-              "captions_truncated": report["captions_truncated"],
-              "total/written": sum(report["written"].values()),
-              "total/kept": sum(report["kept"].values()),
-              "total/skipped": sum(report["skipped"].values())}
-    for group in ("written", "kept", "skipped", "would_keep"):
-        counts.update({f"{group}/{key}": value for key, value in report[group].items()})
-    return {key: str(value) for key, value in counts.items()}
-
-
 def test_page_is_one_self_contained_file_written_atomically(report_inputs):
     page = report_inputs["page"]
     assert sorted(path.name for path in page.parent.iterdir()) == ["report.html", "report.json"]
@@ -210,7 +198,7 @@ def test_every_measure_has_a_histogram_with_its_thresholds_or_says_not_measured(
 
 
 def test_count_cells_equal_the_report(report_inputs):
-    assert page_parts(report_inputs["page"]).counts == expected_counts(report_inputs["report"])
+    assert page_parts(report_inputs["page"]).counts == report_counts(report_inputs["report"])
 
 
 def test_examples_show_kept_and_each_reason_with_escaped_text(report_inputs):
@@ -275,7 +263,7 @@ def test_chromium_loads_every_image_and_shows_the_report_counts(report_inputs, t
     seen = open_in_chromium(report_inputs["page"], screenshot=screenshot)
     assert len(seen["images"]) == len(page_parts(report_inputs["page"]).image_sources)
     assert all(image["loaded"] and image["width"] > 0 and image["height"] > 0 for image in seen["images"])
-    assert seen["counts"] == expected_counts(report)
+    assert seen["counts"] == report_counts(report)
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
