@@ -302,9 +302,10 @@ class PreprocessCLI(EchoVideoCLI):
         parser.add_argument("--preprocess.measures", type=bool, default=True,
                             help="make each sample's quality measures, which data.filters reads (false: "
                                  "none, and fit then needs data.filters null)")
-        parser.add_argument("--preprocess.report_only", type=bool, default=False,
+        parser.add_argument("--report-only", action="store_true",
                             help="encode nothing: rebuild <store>/report.json and report.html from the "
-                                 "stored measures with this experiment's data.filters")
+                                 "stored measures with this experiment's data.filters, and print how many "
+                                 "samples each threshold keeps")
 
     def instantiate_trainer(self, **kwargs):
         return None
@@ -319,11 +320,11 @@ class PreprocessCLI(EchoVideoCLI):
 
         data, model = self.datamodule, self.model
         options = self.config["preprocess"]
-        if options.report_only:
+        if self.config["report_only"]:
             from datamodules.preprocess import rebuild_report
 
             if data.feature_store is None:
-                raise ExperimentError("preprocess --preprocess.report_only true needs data.feature_store")
+                raise ExperimentError("preprocess --report-only needs data.feature_store (the store to report on)")
             report = rebuild_report(data.feature_store, data.filters)
             print(report.summary())
             return report

@@ -202,7 +202,7 @@ def test_fit_logs_each_filter_reason_to_tensorboard(filtered, monkeypatch):
 def test_report_only_counts_new_thresholds_without_encoding(filtered, capsys):
     _, overrides, store, _ = filtered
     chunks_before = {p: p.stat().st_mtime_ns for p in store.rglob("*.bin")}
-    relaxed = overrides + ["--preprocess.report_only=true", "--data.init_args.filters.min_motion=0.0",
+    relaxed = overrides + ["--report-only", "--data.init_args.filters.min_motion=0.0",
                            "--data.init_args.filters.max_faces=9"]
     report = PreprocessCLI(args=["--config", str(EXPERIMENT), *relaxed]).run_preprocess()
     printed = capsys.readouterr().out
@@ -217,7 +217,7 @@ def test_report_only_counts_new_thresholds_without_encoding(filtered, capsys):
     assert "min_motion" in printed and "keeps 7" in printed  # every clip moves at least 0
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*.bin")} == chunks_before  # nothing encoded
     # Back to the experiment's thresholds for the other tests.
-    PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides, "--preprocess.report_only=true"]).run_preprocess()
+    PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides, "--report-only"]).run_preprocess()
 
 
 def test_filters_need_a_store_with_measures(filtered):
