@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import hashlib
 import json
 import os
@@ -677,6 +678,20 @@ def _run_part(optimize, part, bucket, store: Path, bucket_dir: Path, summary_pat
 
 def _optimize_part(optimize, function, part, bucket_dir: Path, chunk_bytes: str, num_workers: int,
                    append: bool) -> None:
+    # A forked worker that garbage-collects a native object its parent abandoned (an onnxruntime
+    # session of an earlier face extractor, say) can hang for ever destroying that object's thread
+    # pool, whose threads exist only in the parent. So the parent collects first, and freezes what
+    # is left: no worker ever collects an object it inherited.
+    gc.collect()
+    gc.freeze()
+    try:
+        _start_optimize(optimize, function, part, bucket_dir, chunk_bytes, num_workers, append)
+    finally:
+        gc.unfreeze()
+
+
+def _start_optimize(optimize, function, part, bucket_dir: Path, chunk_bytes: str, num_workers: int,
+                    append: bool) -> None:
     optimize(
         fn=function,
         inputs=list(range(len(part))),
