@@ -467,7 +467,8 @@ def apply_filters(report: PreprocessReport, samples: list[dict], filters: Qualit
         report.skipped_samples.append({key: sample.get(key) for key in
                                        ("sample_id", "line", "bucket", "video", "face_image", "window")}
                                       | {"reason": sample["reason"], "detail": "; ".join(failed), "in_store": True})
-    report.kept = {bucket: kept[bucket] for bucket in report.written}
+    report.kept = dict(report.written) if report.filters is None else {  # no filters: every stored sample
+        bucket: kept[bucket] for bucket in report.written}
     report.would_keep = {} if report.filters is None else {
         item.setting: sum(not fails(item, getattr(filters, item.setting), s.get("measures") or {}) for s in samples)
         for item in FILTERS if getattr(filters, item.setting) is not None}

@@ -133,7 +133,7 @@ FILTERS = (
 FILTER_REASONS = tuple(dict.fromkeys(f.reason for f in FILTERS))
 
 
-@dataclass(frozen=True)
+@dataclass
 class QualityFilters:
     """Thresholds on the stored measures (`data.filters.*`); None turns one off.
 

@@ -61,6 +61,7 @@ def test_preprocess_report_counts_every_bad_input_by_reason(preprocessed):
     assert report.written == {"9x32x32": 9}  # the 8 good clips and the long caption, cut
     assert report.skipped == {"unreadable_video": 2, "video_too_short": 1, "unreadable_image": 1,
                               "empty_caption": 1}
+    assert report.filters is None and report.kept == report.written  # data.filters: null keeps them all
     assert report.captions_truncated == 1  # "long" exceeds the tiny tokenizer's 16 tokens
     assert report.face_parsing is None and "none" in report.face_pipeline
     on_disk = json.loads((store / REPORT_FILE).read_text())
