@@ -196,12 +196,10 @@ class EncodeSample:
         if self._encoders is not None:
             return
         # A forked worker must not use the OpenMP pool its parent may have started (it hangs);
-        # one thread per worker, as torch's DataLoader workers do, for OpenCV's (the quality
-        # measures) too. Scale with more workers.
+        # one thread per worker, as torch's DataLoader workers do. Scale with more workers.
+        # (OpenCV's pool is left alone: resizing it in a forked worker hung destroying the
+        # parent's pool.)
         torch.set_num_threads(1)
-        import cv2
-
-        cv2.setNumThreads(1)
         from lightning_modules.echovideo_module import DTYPES
         from lightning_modules.frozen_encoders import FrozenEncoders
 
