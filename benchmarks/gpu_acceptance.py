@@ -437,6 +437,11 @@ def render_markdown(report: dict) -> str:
                   f"| {pre['video']}, {pre['dtype']} | {_f(per['vae_posterior'])} s | {_f(per['face_latent'])} s "
                   f"| {_f(per['siglip'])} s | {_f(per['t5'])} s | {_f(pre['seconds_per_clip'])} s "
                   f"| {_f(pre['clips_per_s'])} | {_f(pre['hours_per_100k_clips'])} |", ""]
+        measures = pre.get("quality_measures_s")
+        if measures:
+            lines += [f"Quality measures per clip (CPU video measures; face measures with the tiny face models): "
+                      f"video {_f(measures['video_measures'])} s, face {_f(measures['face_measures'])} s, "
+                      f"{100 * pre['quality_measures_over_encoders']:.1f} % of the encoders' time per clip.", ""]
 
     sampling = parts.get("sampling", {})
     settings = sampling.get("settings") or {}
@@ -754,6 +759,7 @@ def part_preprocessing(context: PartContext, name: str) -> dict:
                 timings[key].append(time.perf_counter() - started)
     per = {key: statistics.median(values) for key, values in timings.items()}
     total = sum(per.values())
+    measures_s = _quality_measures_seconds(context, sizes.preprocess_clips)
     return {
         "video": f"{sizes.frames} x {sizes.height} x {sizes.width}",
         "dtype": dtype_name,
@@ -763,9 +769,38 @@ def part_preprocessing(context: PartContext, name: str) -> dict:
         "seconds_per_clip": total,
         "clips_per_s": 1 / total,
         "hours_per_100k_clips": 100_000 * total / 3600,
+        "quality_measures_s": measures_s,
+        "quality_measures_over_encoders": sum(measures_s.values()) / total,
         "peak_memory_gb": context.peak_memory_gb(),
         "not_included": "video decoding and the face pipeline (CPU work in the loader's workers)",
     }
+
+
+def _quality_measures_seconds(context: PartContext, clips: int) -> dict:
+    """Seconds per clip of the quality measures (datamodules/quality.py) at the part's size, as a
+    preprocess worker makes them: the video ones on the CPU, the face ones through the release
+    folder's face models (the tiny ones: the detector's resizing and onnxruntime's calls on this
+    machine, not the real networks' compute) on the device. Median over `clips` after a warm-up."""
+    import numpy as np
+
+    from benchmarks.preprocess_throughput import smooth_clip
+    from datamodules.face_pipeline import FaceExtractor
+    from datamodules.quality import face_measures, video_measures
+
+    sizes = context.sizes
+    frames = smooth_clip(np.random.default_rng(0), sizes.frames, sizes.height, sizes.width, face=True)
+    extractor = FaceExtractor(context.release / "face_encoder", device=str(context.device))
+    reference = np.ones(512, dtype=np.float32)
+    work = {"video_measures": lambda: video_measures(frames),
+            "face_measures": lambda: face_measures(frames, reference, extractor)}
+    timings = {key: [] for key in work}
+    for clip in range(clips + 1):  # the first clip warms up (and loads the face models)
+        for key, call in work.items():
+            started = time.perf_counter()
+            call()
+            if clip:
+                timings[key].append(time.perf_counter() - started)
+    return {key: statistics.median(values) for key, values in timings.items()}
 
 
 def part_sampling(context: PartContext, name: str) -> dict:
