@@ -163,10 +163,12 @@ class EncodeSample:
     """
 
     def __init__(self, entries: list[ManifestEntry], bucket: Bucket, settings: StoreSettings,
-                 encoders: EncoderSpec, store: Path, log_dir: Path, measure: bool = True):
+                 encoders: EncoderSpec, store: Path, log_dir: Path, measure: bool = True,
+                 drop_filtered: QualityFilters | None = None):
         self.entries, self.bucket, self.settings, self.encoder_spec = entries, bucket, settings, encoders
         self.store = store
         self.measure = measure
+        self.drop_filtered = drop_filtered  # thresholds whose failures are skipped before encoding
         self.log_dir = log_dir
         self._encoders = None
         self._extractor = None
@@ -184,6 +186,10 @@ class EncodeSample:
                  "video": str(entry.video), "face_image": None if entry.face_image is None else str(entry.face_image)}
         try:
             record, truncated, window, measures = self._encode(entry)
+        except FilteredSample as filtered:
+            self._write_log({**where, "status": "skipped", "reason": filtered.reason, "detail": filtered.detail,
+                             "window": filtered.window, "measures": filtered.measures, "in_store": False})
+            return None
         except SkippedSample as skipped:
             self._write_log({**where, "status": "skipped", "reason": skipped.reason, "detail": skipped.detail})
             return None
@@ -254,13 +260,19 @@ class EncodeSample:
 
         crop, arcface = reference_face(entry.face_image, reference, settings.face_size, self._extractor)
         face = torch.from_numpy(crop).permute(2, 0, 1).float().div(255).unsqueeze(0)
+        window = [start, settings.frame_stride, bucket.num_frames]
+        (caption_tokens,) = encoders.caption_token_counts([entry.caption])
+        truncated = caption_tokens > encoders.max_text_seq_length
+        # Measured before the expensive encoders, which a sample dropped here never runs.
+        measures = measure_sample(frames.numpy(), arcface if self._extractor is not None else None,
+                                  caption_tokens, self._extractor) if self.measure else None
+        if measures is not None and self.drop_filtered is not None:
+            reason = self.drop_filtered.reason(measures)
+            if reason is not None:
+                raise FilteredSample(reason, "; ".join(self.drop_filtered.failures(measures)), window, measures)
         mean, std = encoders.encode_video_posterior(video)
         if arcface is None:
             arcface = encoders.encode_identity(face)[0]
-        (caption_tokens,) = encoders.caption_token_counts([entry.caption])
-        truncated = caption_tokens > encoders.max_text_seq_length
-        measures = measure_sample(frames.numpy(), arcface if self._extractor is not None else None,
-                                  caption_tokens, self._extractor) if self.measure else None
         sources = [entry.video] + ([entry.face_image] if entry.face_image is not None else [])
         record = {
             keys.SAMPLE_ID: entry.sample_id,
@@ -275,7 +287,15 @@ class EncodeSample:
             FACE_CROP_PNG: encode_png(crop),
             QUALITY: json.dumps(measures),
         }
-        return record, truncated, [start, settings.frame_stride, bucket.num_frames], measures
+        return record, truncated, window, measures
+
+
+class FilteredSample(SkippedSample):
+    """A sample whose measures fail the filters, left out of the store (`encode_filtered=False`)."""
+
+    def __init__(self, reason: str, detail: str, window: list[int], measures: dict):
+        super().__init__(reason, detail)
+        self.window, self.measures = window, measures
 
 
 def _stored(tensor: torch.Tensor) -> torch.Tensor:
@@ -356,6 +376,7 @@ def preprocess(
     node_rank: int = 0,
     filters: QualityFilters | None = QualityFilters(),
     measure: bool = True,
+    encode_filtered: bool = True,
 ) -> PreprocessReport:
     """Encode every usable sample of `manifest` into `store`; return (and write) the report.
 
@@ -367,7 +388,9 @@ def preprocess(
 
     `measure` makes each sample's quality measures (datamodules/quality.py), stored with it;
     `filters` decides which stored samples the report counts as kept (training applies its
-    own `data.filters` again). The report is written as `report.json` and `report.html`.
+    own `data.filters` again). With `encode_filtered=False`, samples that fail `filters` are
+    not encoded nor stored at all (a relaxed threshold then needs a new store). The report is
+    written as `report.json` and `report.html`.
     """
     from litdata import optimize
 
@@ -388,9 +411,10 @@ def preprocess(
     parts = {name: [bucket_entries[i:i + part_size] for i in range(0, len(bucket_entries), part_size)]
              for name, bucket_entries in by_bucket.items()}
     work = store / WORK_DIR / shard
+    drop_filtered = filters if measure and not encode_filtered else None
     meta = _prepare_store(store, work, settings, encoders, num_nodes, _plan_digest(settings, parts), overwrite,
                           parts_total=sum(len(p) for p in parts.values()), manifest=manifest,
-                          lines=_line_fingerprints(entries), measure=measure)
+                          lines=_line_fingerprints(entries), measure=measure, drop_filtered=drop_filtered)
     report.encoders = meta["encoders"]
     report.face_pipeline = "insightface antelopev2 + facexlib" if encoders.face_models else \
         "none: face images are used as aligned crops, identity from the model's identity encoder"
@@ -411,7 +435,7 @@ def preprocess(
                 summary_path = work / "parts" / name / f"part-{part_index:05d}.json"
                 if not summary_path.is_file():
                     _run_part(optimize, part, bucket, store, store / name / shard, summary_path, settings,
-                              encoders, num_workers, chunk_bytes, measure)
+                              encoders, num_workers, chunk_bytes, measure, drop_filtered)
                 done_clips += len(part)
                 report.parts_done += 1
                 _print_overall_progress(report, done_clips, todo_clips, started)
@@ -463,12 +487,10 @@ def apply_filters(report: PreprocessReport, samples: list[dict], filters: Qualit
         if sample["reason"] is None:
             kept[sample["bucket"]] += 1
             continue
-        failed = [f"{item.measure} {measures[item.measure]:.4g} {'<' if item.bound == 'min' else '>'} "
-                  f"data.filters.{item.setting} {getattr(filters, item.setting)}"
-                  for item in FILTERS if fails(item, getattr(filters, item.setting), measures)]
         report.skipped_samples.append({key: sample.get(key) for key in
                                        ("sample_id", "line", "bucket", "video", "face_image", "window")}
-                                      | {"reason": sample["reason"], "detail": "; ".join(failed), "in_store": True})
+                                      | {"reason": sample["reason"], "detail": "; ".join(filters.failures(measures)),
+                                         "in_store": True})
     report.kept = dict(report.written) if report.filters is None else {  # no filters: every stored sample
         bucket: kept[bucket] for bucket in report.written}
     report.would_keep = {} if report.filters is None else {
@@ -606,7 +628,8 @@ def _first_changed_line(recorded: list[list] | None, lines: list[list], manifest
 
 def _prepare_store(store: Path, work: Path, settings: StoreSettings, encoders: EncoderSpec, num_nodes: int,
                    digest: str, overwrite: bool, parts_total: int, manifest: Path,
-                   lines: list[list] | None = None, measure: bool = True) -> dict:
+                   lines: list[list] | None = None, measure: bool = True,
+                   drop_filtered: QualityFilters | None = None) -> dict:
     """Check that `store` may be (re)started with these settings; write store.json; return it."""
     if overwrite and store.exists():
         if num_nodes > 1:
@@ -616,6 +639,8 @@ def _prepare_store(store: Path, work: Path, settings: StoreSettings, encoders: E
         shutil.rmtree(store)
     meta = _store_meta(settings, encoders, num_nodes, manifest)
     meta["measures"] = MEASURES_VERSION if measure else None
+    # Thresholds whose failures were never encoded (--preprocess.encode_filtered false), or None.
+    meta["dropped_by_filters"] = drop_filtered.thresholds() if drop_filtered is not None else None
     meta_path = store / STORE_META
     if store.exists() and any(store.iterdir()):
         if not meta_path.is_file():
@@ -623,7 +648,7 @@ def _prepare_store(store: Path, work: Path, settings: StoreSettings, encoders: E
                 f"{store}: exists and is not a feature store; choose an empty folder for "
                 "`data.feature_store` or pass --preprocess.overwrite true")
         previous = json.loads(meta_path.read_text(encoding="utf-8"))
-        for key in ("settings", "num_nodes", "measures"):
+        for key in ("settings", "num_nodes", "measures", "dropped_by_filters"):
             if previous.get(key) != meta[key]:
                 raise FeatureStoreError(
                     f"{meta_path}: field '{key}' is {previous.get(key)!r}, this run has {meta[key]!r}; "
@@ -665,11 +690,11 @@ def _merge_node_reports(store: Path, num_nodes: int) -> PreprocessReport:
 
 
 def _run_part(optimize, part, bucket, store: Path, bucket_dir: Path, summary_path: Path, settings, encoders,
-              num_workers: int, chunk_bytes: str, measure: bool) -> None:
+              num_workers: int, chunk_bytes: str, measure: bool, drop_filtered: QualityFilters | None) -> None:
     log_dir = summary_path.with_suffix("")
     shutil.rmtree(log_dir, ignore_errors=True)  # a part cut short is redone from its start
     _remove_unlisted_chunks(bucket_dir)
-    function = EncodeSample(part, bucket, settings, encoders, store, log_dir, measure)
+    function = EncodeSample(part, bucket, settings, encoders, store, log_dir, measure, drop_filtered)
     append = (bucket_dir / "index.json").is_file()
     with _litdata_chatter_dropped():
         _optimize_part(optimize, function, part, bucket_dir, chunk_bytes, num_workers, append)

@@ -200,6 +200,12 @@ class QualityFilters:
     def thresholds(self) -> dict[str, float | int | None]:
         return dataclasses.asdict(self)
 
+    def failures(self, measures: dict) -> list[str]:
+        """Each threshold `measures` fail, as text: `motion 0.0004 < data.filters.min_motion 0.05`."""
+        return [f"{item.measure} {measures[item.measure]:.4g} {'<' if item.bound == 'min' else '>'} "
+                f"data.filters.{item.setting} {getattr(self, item.setting)}"
+                for item in FILTERS if fails(item, getattr(self, item.setting), measures)]
+
     def reason(self, measures: dict) -> str | None:
         """The first threshold `measures` fail, as a skip reason; None when it passes every one."""
         for item in FILTERS:

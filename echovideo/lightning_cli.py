@@ -302,6 +302,10 @@ class PreprocessCLI(EchoVideoCLI):
         parser.add_argument("--preprocess.measures", type=bool, default=True,
                             help="make each sample's quality measures, which data.filters reads (false: "
                                  "none, and fit then needs data.filters null)")
+        parser.add_argument("--preprocess.encode_filtered", type=bool, default=True,
+                            help="encode and store the samples data.filters drops too, so fit can relax a "
+                                 "threshold without a new store (false: they are measured, counted and left "
+                                 "out, which saves their encoding and, at batch size 1, a training step each)")
         parser.add_argument("--report-only", action="store_true",
                             help="encode nothing: rebuild <store>/report.json and report.html from the "
                                  "stored measures with this experiment's data.filters, and print how many "
@@ -349,6 +353,7 @@ class PreprocessCLI(EchoVideoCLI):
             node_rank=options.node_rank if options.node_rank is not None else int(os.environ.get("SLURM_NODEID", 0)),
             filters=data.filters,
             measure=options.measures,
+            encode_filtered=options.encode_filtered,
         )
         print(report.summary())
         return report

@@ -220,6 +220,29 @@ def test_report_only_counts_new_thresholds_without_encoding(filtered, capsys):
     PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides, "--report-only"]).run_preprocess()
 
 
+def test_filtered_samples_can_be_left_out_of_the_store(filtered):
+    """--preprocess.encode_filtered false: every clip is measured and counted, only the clean one
+    is encoded; the others keep their reason, detail and window for the report's examples."""
+    folder, overrides, _, _ = filtered
+    store = folder / "store_kept_only"
+    overrides = [o.replace(str(folder / "store"), str(store)) for o in overrides]
+    report = PreprocessCLI(args=["--config", str(EXPERIMENT), *overrides,
+                                 "--preprocess.encode_filtered=false"]).run_preprocess()
+    expected = {name: reason for name, reason in EXPECTED_REASONS.items() if reason is not None}
+    assert report.written == {BUCKET: 1} and report.kept == {BUCKET: 1}
+    on_disk = json.loads((store / REPORT_FILE).read_text())
+    assert reasons_in(on_disk) == expected
+    left_out = {s["sample_id"]: s for s in on_disk["skipped_samples"]}
+    assert not any(s["in_store"] for s in left_out.values())
+    assert "data.filters.min_motion" in left_out["still"]["detail"] and left_out["still"]["window"][2] == 9
+    dataset = open_store_dataset(store, shuffle=False, seed=0)
+    assert [dataset[i][keys.SAMPLE_ID] for i in range(len(dataset))] == ["clean"]
+    meta = json.loads((store / "store.json").read_text())
+    assert meta["dropped_by_filters"]["min_identity_mean"] == TINY_IDENTITY_THRESHOLD
+    page = (store / REPORT_PAGE).read_text(encoding="utf-8")
+    assert all(f'id="examples-{reason}"' in page for reason in expected.values())
+
+
 def test_filters_need_a_store_with_measures(filtered):
     _, _, store, _ = filtered
     meta = json.loads((store / "store.json").read_text())
