@@ -9,11 +9,12 @@ without encoding anything again: `echovideo preprocess --report-only` re-applies
 the report, and `fit` re-applies the experiment's `data.filters` to the stored samples.
 
 A filtered sample is still encoded into the store (so a relaxed threshold needs no
-re-encoding); training skips it with its reason, counted as `data/skipped/<reason>` like
-every other skip, and the preprocess report counts it per reason.
+re-encoding; `--preprocess.encode_filtered false` leaves it out instead); training skips it
+with its reason, counted as `data/skipped/<reason>` like every other skip, and the
+preprocess report counts it per reason.
 
-How each measure is made (`FACE_FRAMES` frames spread over the window for face and
-identity measures, every window frame for the video ones):
+How each measure is made (`FACE_FRAMES` frames spread over the window for the face and
+identity measures, the window's frames for the video ones):
 
 - face_area: the largest face's box area over the frame's area (median over the frames
   with a face). face_score: its detection score (median). face_count: the most faces
@@ -33,11 +34,12 @@ identity measures, every window frame for the video ones):
   while the picture stands still; flow at this width costs about 1.4 ms a pair on one CPU
   core, so a few pairs, not all 48 of a 49-frame window.
 - scene_cut: the largest Bhattacharyya distance (0 same, 1 disjoint) between the HSV
-  colour histograms of consecutive window frames, every pair (a cut can fall between any two). A histogram hardly changes when people or
-  the camera move within one shot and jumps at a cut to another scene. (PySceneDetect was
-  considered: it declares `opencv-python` as a dependency, which would install a second
-  OpenCV beside the kit's headless one.) A cut between two shots of the same colours, say
-  two angles of one studio, is not seen.
+  colour histograms of consecutive window frames, over every pair (a cut can fall between
+  any two). A histogram hardly changes when people or the camera move within one shot and
+  jumps at a cut to another scene. (PySceneDetect was considered: it declares
+  `opencv-python` as a dependency, which would install a second OpenCV beside the kit's
+  headless one.) A cut between two shots of the same colours, say two angles of one
+  studio, is not seen; nor is a fade slower than the window's steps.
 - caption_tokens: the caption's length in T5 tokens, the end token included, before the
   text encoder's limit cuts it.
 
@@ -130,7 +132,6 @@ FILTERS = (
     Filter("min_caption_tokens", "caption_tokens", "min", CAPTION_TOO_SHORT),
     Filter("max_caption_tokens", "caption_tokens", "max", CAPTION_TOO_LONG),
 )
-FILTER_REASONS = tuple(dict.fromkeys(f.reason for f in FILTERS))
 
 
 @dataclass
