@@ -523,7 +523,13 @@ def _write_merged_report(store: Path, num_nodes: int, filters: QualityFilters | 
         write_text_atomically(store / REPORT_FILE, json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
         if _merge_node_reports(store, num_nodes) == merged:
             break
-    write_report_page(store / REPORT_PAGE, asdict(report), samples, filters if report.filters is not None else None)
+    # The page's histograms show every measured sample: the stored ones and those the filters
+    # kept out of the store (--preprocess.encode_filtered false), which the report lists as skipped.
+    left_out = [{key: skipped.get(key) for key in ("sample_id", "line", "bucket", "video", "face_image", "window",
+                                                    "measures", "reason", "in_store")}
+                for skipped in report.skipped_samples if skipped.get("in_store") is False and skipped.get("measures")]
+    write_report_page(store / REPORT_PAGE, asdict(report), samples + left_out,
+                      filters if report.filters is not None else None)
     return report
 
 

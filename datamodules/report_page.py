@@ -49,7 +49,8 @@ def write_report_page(path: Path, report: dict, samples: list[dict], filters: Qu
     Args:
         path: Where the page goes, normally `<store>/report.html`.
         report: What is also written as `report.json` (missing keys are shown as absent).
-        samples: Every stored sample: `sample_id`, `line`, `bucket`, `video`, `face_image`
+        samples: Every measured sample (the stored ones, and those the filters kept out of the
+            store at preprocess, `in_store: False`): `sample_id`, `line`, `bucket`, `video`, `face_image`
             (None: the reference face came from a frame of the clip), `window`
             ([start_frame, frame_stride, num_frames]), `measures` and `reason` (None if kept).
         filters: The thresholds in use, or None when nothing is filtered.
@@ -238,7 +239,7 @@ def _measure_figure(measure: Measure, samples: list[dict], thresholds: dict) -> 
                 f"<figcaption>{escape(measure.meaning)}</figcaption></figure>")
     image = _histogram_png(values, title, lines)
     drawn = "; ".join(f"{setting} = {value}" for setting, value in lines.items()) or "none"
-    caption = (f"{len(values)} of {len(samples)} stored samples measured. {measure.meaning}. "
+    caption = (f"{len(values)} of {len(samples)} samples measured. {measure.meaning}. "
                f"Thresholds: {drawn}.")
     return (f'<figure id="measure-{measure.name}" data-thresholds="{escape(marked)}">'
             f'<img src="{_data_uri(image, "png")}" alt="{escape(title)}">'

@@ -241,6 +241,8 @@ def test_filtered_samples_can_be_left_out_of_the_store(filtered):
     assert meta["dropped_by_filters"]["min_identity_mean"] == TINY_IDENTITY_THRESHOLD
     page = (store / REPORT_PAGE).read_text(encoding="utf-8")
     assert all(f'id="examples-{reason}"' in page for reason in expected.values())
+    # The histograms still show every clip's measures, the left-out ones too.
+    assert page.count("7 of 7 samples measured") == len(MEASURE_NAMES)
 
 
 def test_filters_need_a_store_with_measures(filtered):

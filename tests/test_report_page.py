@@ -194,7 +194,7 @@ def test_every_measure_has_a_histogram_with_its_thresholds_or_says_not_measured(
         assert figures[name]["thresholds"] == drawn
         assert all(setting in figures[name]["text"] for setting in drawn)
     measured_face_area = sum(s["measures"]["face_area"] is not None for s in report_inputs["samples"])
-    assert f"{measured_face_area} of 6 stored samples measured" in figures["face_area"]["text"]
+    assert f"{measured_face_area} of 6 samples measured" in figures["face_area"]["text"]
 
 
 def test_count_cells_equal_the_report(report_inputs):
