@@ -159,9 +159,9 @@ def check_store_complete(store: Path) -> None:
         "node, with the same node count); it continues where it stopped")
 
 
-def read_store_meta(store: str | Path) -> dict:
-    """`store.json` of a finished store; a clear error when the folder is not one, or when
-    its preprocessing has not finished."""
+def read_store_meta(store: str | Path, finished: bool = True) -> dict:
+    """`store.json` of a store; a clear error when the folder is not one, or (with `finished`)
+    when its preprocessing has not finished."""
     meta_path = Path(store) / STORE_META
     if not meta_path.is_file():
         raise FeatureStoreError(
@@ -171,7 +171,8 @@ def read_store_meta(store: str | Path) -> dict:
     if meta.get("format") != STORE_FORMAT:
         raise FeatureStoreError(f"{meta_path}: store format {meta.get('format')!r}, this kit reads "
                                 f"{STORE_FORMAT}; rebuild the store with `echovideo preprocess`")
-    check_store_complete(Path(store))
+    if finished:
+        check_store_complete(Path(store))
     return meta
 
 

@@ -79,6 +79,9 @@ from datamodules.video_dataset import (
 )
 
 STORE_DTYPE = torch.bfloat16
+# What the report keeps of each measured sample: where it is, its training window
+# ([start frame, stride, frames]) and its quality measures.
+SAMPLE_FIELDS = ("sample_id", "line", "bucket", "video", "face_image", "window", "measures")
 
 
 @dataclass(frozen=True)
@@ -449,20 +452,11 @@ def rebuild_report(store: str | Path, filters: QualityFilters | None) -> Preproc
     """`echovideo preprocess --report-only`: the report of a store (finished or not) with these
     thresholds, from the measures its preprocessing logged; nothing is encoded or loaded."""
     store = Path(store).absolute()
-    meta = read_store_meta_unchecked(store)
+    meta = read_store_meta(store, finished=False)
     if not (store / WORK_DIR).is_dir() or not any((store / WORK_DIR).glob(f"*/{REPORT_FILE}")):
         raise FeatureStoreError(f"{store / WORK_DIR}: no preprocess run has finished on this store yet, so there "
                                 "is nothing to report; run `echovideo preprocess --config <experiment>.yaml` first")
     return _write_merged_report(store, meta.get("num_nodes", 1), filters)
-
-
-def read_store_meta_unchecked(store: Path) -> dict:
-    """store.json of a store, finished or not; a clear error when the folder is not a store."""
-    meta_path = store / STORE_META
-    if not meta_path.is_file():
-        raise FeatureStoreError(f"{meta_path}: not found; --report-only reads a store written by `echovideo "
-                                "preprocess` (check data.feature_store)")
-    return json.loads(meta_path.read_text(encoding="utf-8"))
 
 
 def stored_samples(store: Path) -> list[dict]:
@@ -480,19 +474,17 @@ def apply_filters(report: PreprocessReport, samples: list[dict], filters: Qualit
     count alone, and the dropped ones as skipped with their reason. Sets each sample's `reason`."""
     report.measured = measured
     report.filters = filters.thresholds() if filters is not None and measured else None
-    kept = Counter()
+    dropped = Counter()
     for sample in samples:
         measures = sample.get("measures") or {}
         sample["reason"] = filters.reason(measures) if report.filters is not None else None
         if sample["reason"] is None:
-            kept[sample["bucket"]] += 1
             continue
-        report.skipped_samples.append({key: sample.get(key) for key in
-                                       ("sample_id", "line", "bucket", "video", "face_image", "window")}
+        dropped[sample["bucket"]] += 1
+        report.skipped_samples.append({key: sample.get(key) for key in SAMPLE_FIELDS if key != "measures"}
                                       | {"reason": sample["reason"], "detail": "; ".join(filters.failures(measures)),
                                          "in_store": True})
-    report.kept = dict(report.written) if report.filters is None else {  # no filters: every stored sample
-        bucket: kept[bucket] for bucket in report.written}
+    report.kept = {bucket: count - dropped[bucket] for bucket, count in report.written.items()}
     report.would_keep = {} if report.filters is None else {
         item.setting: sum(not fails(item, getattr(filters, item.setting), s.get("measures") or {}) for s in samples)
         for item in FILTERS if getattr(filters, item.setting) is not None}
@@ -525,8 +517,7 @@ def _write_merged_report(store: Path, num_nodes: int, filters: QualityFilters | 
             break
     # The page's histograms show every measured sample: the stored ones and those the filters
     # kept out of the store (--preprocess.encode_filtered false), which the report lists as skipped.
-    left_out = [{key: skipped.get(key) for key in ("sample_id", "line", "bucket", "video", "face_image", "window",
-                                                    "measures", "reason", "in_store")}
+    left_out = [{key: skipped.get(key) for key in (*SAMPLE_FIELDS, "reason", "in_store")}
                 for skipped in report.skipped_samples if skipped.get("in_store") is False and skipped.get("measures")]
     write_report_page(store / REPORT_PAGE, asdict(report), samples + left_out,
                       filters if report.filters is not None else None)
@@ -818,8 +809,7 @@ def _summarise_logs(log_dir: Path) -> dict:
         "skipped": [r for r in latest.values() if r["status"] == "skipped"],
         # What the report needs of each stored sample; measures stay here, so that new
         # thresholds can be counted (--report-only) without reading the store's chunks.
-        "samples": [{key: r.get(key) for key in ("sample_id", "line", "bucket", "video", "face_image", "window",
-                                                  "measures")} for r in written],
+        "samples": [{key: r.get(key) for key in SAMPLE_FIELDS} for r in written],
     }
 
 

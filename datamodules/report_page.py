@@ -64,7 +64,7 @@ def report_page_html(report: dict, samples: list[dict], filters: QualityFilters 
     body = "\n".join([
         _header(report),
         _navigation(examples),
-        _counts_section(report, samples, examples),
+        _counts_section(report, examples),
         _thresholds_section(report, filters),
         _measures_section(samples, filters),
         _examples_section(examples, filters),
@@ -127,21 +127,10 @@ def _count_cell(key: str, value) -> str:
     return f'<td class="number" data-count="{escape(key)}">{escape(str(value))}</td>'
 
 
-def _kept_per_bucket(report: dict, samples: list[dict]) -> dict[str, int]:
-    """The report's kept counts; for a report without them, counted from the samples."""
-    if report.get("kept") is not None:
-        return dict(report["kept"])
-    kept: dict[str, int] = {}
-    for sample in samples:
-        if sample.get("reason") is None:
-            kept[sample.get("bucket")] = kept.get(sample.get("bucket"), 0) + 1
-    return kept
-
-
-def _counts_section(report: dict, samples: list[dict], examples: list[tuple[str, list[dict]]]) -> str:
+def _counts_section(report: dict, examples: list[tuple[str, list[dict]]]) -> str:
     return "\n".join(['<h2 id="counts">Counts</h2>',
                       _totals_table(report),
-                      _buckets_table(report, samples),
+                      _buckets_table(report),
                       _skipped_table(report, examples)])
 
 
@@ -153,9 +142,9 @@ def _totals_table(report: dict) -> str:
     return f"<table>{body}</table>"
 
 
-def _buckets_table(report: dict, samples: list[dict]) -> str:
+def _buckets_table(report: dict) -> str:
     written = dict(report.get("written") or {})
-    kept = _kept_per_bucket(report, samples)
+    kept = dict(report.get("kept") or {})
     buckets = list(dict.fromkeys([*written, *kept]))
     rows = [f"<tr><td>{escape(str(bucket))}</td>"
             f"{_count_cell(f'written/{bucket}', written.get(bucket))}"
